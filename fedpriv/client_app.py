@@ -1,0 +1,68 @@
+"""The ClientApp: everything it needs arrives in the message (config, which client to act as).
+
+A train message carries ``arrays`` (the global model) and ``config`` with ``task`` (the run's
+configuration as JSON), ``client-id`` (the virtual client to act as), ``server-round`` and any
+per-round values the server's strategy adds (for example the clip norm under ``clip_on=client``).
+A failure becomes an error reply that the server counts; it never stalls the round.
+"""
+
+from __future__ import annotations
+
+import logging
+import traceback
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from clients.training import evaluate, train
+from fedpriv.task import EmptyPartition, decode_config, load_client_data, new_model, pick_device, training_generator
+
+log = logging.getLogger("fedpriv.client")
+app = ClientApp()
+
+ERROR_EMPTY = 10
+ERROR_CLIENT = 11
+
+
+def _error_reply(msg: Message, code: int, reason: str) -> Message:
+    return Message(Error(code=code, reason=reason), reply_to=msg)
+
+
+def _setup(msg: Message, context: Context):
+    cfg = msg.content["config"]
+    rc = decode_config(str(cfg["task"]))
+    client_id = int(cfg["client-id"])
+    torch.set_num_threads(1)
+    data = load_client_data(rc, client_id, dict(context.node_config))
+    model = new_model(rc)
+    model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
+    return rc, cfg, data, model
+
+
+@app.train()
+def train_handler(msg: Message, context: Context) -> Message:
+    try:
+        rc, cfg, data, model = _setup(msg, context)
+        from clients.local_update import run_local_update
+
+        arrays, metrics = run_local_update(rc, cfg, data, model, context)
+        return Message(RecordDict({"arrays": arrays, "metrics": MetricRecord(metrics)}), reply_to=msg)
+    except EmptyPartition as exc:
+        return _error_reply(msg, ERROR_EMPTY, f"empty: {exc}")
+    except Exception as exc:  # noqa: BLE001 - any client fault is reported, never raised into the engine
+        log.warning("client failed: %s", traceback.format_exc())
+        return _error_reply(msg, ERROR_CLIENT, f"{type(exc).__name__}: {exc}")
+
+
+@app.evaluate()
+def evaluate_handler(msg: Message, context: Context) -> Message:
+    try:
+        rc, cfg, data, model = _setup(msg, context)
+        loss, acc = evaluate(model, data.x_val, data.y_val, device=pick_device(rc.device))
+        metrics = {"val_loss": loss, "val_accuracy": acc, "num-examples": float(len(data.x_val))}
+        return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
+    except EmptyPartition as exc:
+        return _error_reply(msg, ERROR_EMPTY, f"empty: {exc}")
+    except Exception as exc:  # noqa: BLE001
+        return _error_reply(msg, ERROR_CLIENT, f"{type(exc).__name__}: {exc}")

@@ -1,0 +1,260 @@
+"""The server's round loop: sample, dispatch, aggregate, evaluate, log, checkpoint.
+
+The same loop runs under Flower's simulation engine and its deployment engine; only the
+population differs (``client_mode``): virtual clients served by any node, or one client per node.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import secrets
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
+from flwr.serverapp import Grid
+
+from clients.training import evaluate
+from fedpriv.checkpoint import load_checkpoint, save_checkpoint
+from fedpriv.config import ConfigError, RunConfig, to_dict
+from fedpriv.sampling import ClientSampler
+from fedpriv.task import dataset_for, encode_config, new_model, pick_device
+from fedpriv.tracking import make_trackers
+from fedpriv.tracking.local import read_metrics
+from strategies import build_aggregator
+
+log = logging.getLogger("fedpriv")
+
+# Keys whose change does not change what a resumed run computes.
+_RESUME_FREE_KEYS = ("resume", "run_dir", "tracking", "round_timeout", "placement")
+
+
+class StopRun(Exception):
+    """Raised by a strategy before a round that must not happen (e.g. the privacy budget)."""
+
+
+def wait_for_nodes(grid: Grid, minimum: int, timeout: float) -> list[int]:
+    """Node ids once at least ``minimum`` are connected (or whatever is there after ``timeout``)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        nodes = sorted(grid.get_node_ids())
+        if len(nodes) >= minimum or time.monotonic() > deadline:
+            if not nodes:
+                raise RuntimeError(f"no Flower node connected within {timeout:.0f} s")
+            return nodes
+        time.sleep(0.5)
+
+
+def sampler_seed(rc: RunConfig) -> int | None:
+    """Seeded for non-private or explicitly non-secure runs; unpredictable otherwise."""
+    if rc.privacy.mode == "none" or not rc.privacy.secure_rng:
+        return rc.seed + 7919
+    return None
+
+
+def _train_message(node_id: int, client_id: int, server_round: int, arrays: ArrayRecord, task: str, extra: dict[str, Any]) -> Message:
+    config = ConfigRecord({"task": task, "client-id": int(client_id), "server-round": server_round, **extra})
+    return Message(
+        content=RecordDict({"arrays": arrays, "config": config}),
+        message_type=MessageType.TRAIN,
+        dst_node_id=int(node_id),
+        group_id=str(server_round),
+    )
+
+
+def dispatch_round(
+    grid: Grid,
+    cohort: list[int],
+    node_for: dict[int, int] | None,
+    nodes: list[int],
+    server_round: int,
+    arrays: ArrayRecord,
+    task: str,
+    extra: dict[str, Any],
+    timeout: float,
+) -> tuple[list[Message], int]:
+    """Send one train message per sampled client; returns the replies and how many never came.
+
+    With virtual clients, a node serves one client at a time (Flower keeps one context per
+    node), so a cohort larger than the node count goes out in waves.
+    """
+    replies: list[Message] = []
+    sent = 0
+    if node_for is not None:  # one client per node (deployment)
+        waves = [[(node_for[c], c) for c in cohort]]
+    else:
+        waves = [list(zip(nodes, cohort[i : i + len(nodes)])) for i in range(0, len(cohort), len(nodes))]
+    deadline = time.monotonic() + timeout
+    for wave in waves:
+        remaining = max(deadline - time.monotonic(), 1.0)
+        msgs = [_train_message(n, c, server_round, arrays, task, extra) for n, c in wave]
+        sent += len(msgs)
+        replies.extend(grid.send_and_receive(msgs, timeout=remaining))
+    return replies, sent - len(replies)
+
+
+def _config_diff(saved: dict[str, Any], now: dict[str, Any], prefix: str = "") -> list[str]:
+    diffs = []
+    for key in sorted(set(saved) | set(now)):
+        full = f"{prefix}{key}"
+        if full.split(".")[0] in _RESUME_FREE_KEYS:
+            continue
+        a, b = saved.get(key), now.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            diffs += _config_diff(a, b, full + ".")
+        elif a != b:
+            diffs.append(full)
+    return diffs
+
+
+class CentralEvaluator:
+    """Evaluates the global model on the held-out central test split."""
+
+    def __init__(self, rc: RunConfig):
+        self.ds = dataset_for(rc)
+        self.model = new_model(rc)
+        self.device = pick_device(rc.placement.server_device)
+        self.batch_size = rc.eval.batch_size
+
+    def __call__(self, arrays: ArrayRecord) -> tuple[float, float]:
+        self.model.load_state_dict(arrays.to_torch_state_dict())
+        return evaluate(self.model, self.ds.x_test, self.ds.y_test, batch_size=self.batch_size, device=self.device)
+
+
+def run_federation(grid: Grid, rc: RunConfig) -> dict[str, Any]:
+    """Run (or resume) a whole federated training; returns the summary it writes."""
+    if rc.run_dir is None:
+        raise ConfigError("config key 'run_dir': the launcher must set the run's output folder")
+    run_dir = Path(rc.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    wall_start = time.time()
+
+    model = new_model(rc)
+    arrays = ArrayRecord(model.state_dict())
+    aggregator = build_aggregator(rc)
+    evaluator = CentralEvaluator(rc)
+    task = encode_config(rc)
+
+    if rc.client_mode == "nodes":
+        nodes = wait_for_nodes(grid, rc.num_clients, rc.round_timeout)
+        if len(nodes) < rc.num_clients:
+            log.warning("only %d of %d client nodes connected; the others count as dropped", len(nodes), rc.num_clients)
+    else:
+        nodes = wait_for_nodes(grid, 1, rc.round_timeout)
+    sampler = ClientSampler(rc.sampling, rc.num_clients, rc.clients_per_round, sampler_seed(rc))
+
+    start_round, elapsed_before = 1, 0.0
+    checkpoint = load_checkpoint(run_dir) if rc.resume else None
+    if rc.resume and checkpoint is None:
+        log.warning("resume=true but %s holds no checkpoint: starting from round 1", run_dir)
+    if checkpoint is not None:
+        diffs = _config_diff(checkpoint["config"], to_dict(rc))
+        if diffs:
+            raise ConfigError(f"cannot resume {run_dir}: these keys differ from the saved run: {', '.join(diffs)}")
+        arrays = ArrayRecord(checkpoint["arrays"])
+        aggregator.load_state_dict(checkpoint["aggregator"])
+        sampler.load_state_dict(checkpoint["sampler"])
+        start_round = int(checkpoint["round"]) + 1
+        elapsed_before = float(checkpoint["wall_seconds"])
+        log.info("resuming %s after round %d", run_dir, checkpoint["round"])
+
+    trackers = make_trackers(rc, run_dir)
+    trackers.start(to_dict(rc), resumed=checkpoint is not None)
+    if checkpoint is not None:
+        for t in trackers.trackers:
+            if hasattr(t, "truncate_after"):
+                t.truncate_after(start_round - 1)
+    history = read_metrics(run_dir) if checkpoint is not None else []
+
+    stop_reason = "completed"
+    last_eval = (history[-1]["test_loss"], history[-1]["test_accuracy"]) if history else (math.nan, math.nan)
+    rounds_done = start_round - 1
+    for rnd in range(start_round, rc.num_rounds + 1):
+        t0 = time.time()
+        try:
+            extra = aggregator.begin_round(rnd, arrays, grid)
+        except StopRun as exc:
+            stop_reason = str(exc)
+            log.warning("stopping before round %d: %s", rnd, exc)
+            break
+        if rc.client_mode == "nodes":
+            nodes = sorted(grid.get_node_ids()) or nodes
+            ids = sampler.sample()
+            cohort = [int(i) for i in ids if i < len(nodes)]
+            node_for = {c: nodes[c] for c in cohort}
+        else:
+            cohort = [int(i) for i in sampler.sample()]
+            node_for = None
+        replies, missing = dispatch_round(grid, cohort, node_for, nodes, rnd, arrays, task, extra, rc.round_timeout)
+        ok = [m for m in replies if not m.has_error()]
+        failed = [m for m in replies if m.has_error()]
+        for m in failed:
+            log.info("round %d: client failed: %s", rnd, m.error.reason)
+        trained = [m for m in ok if float(m.content["metrics"].get("declined", 0.0)) == 0.0]
+        declined = len(ok) - len(trained)
+
+        new_arrays, agg_metrics = aggregator.aggregate(rnd, arrays, trained)
+        if new_arrays is not None:
+            arrays = new_arrays
+        if rnd % rc.eval.every == 0 or rnd == rc.num_rounds:
+            last_eval = evaluator(arrays)
+        round_seconds = time.time() - t0
+        record: dict[str, Any] = {
+            "round": rnd,
+            "test_accuracy": last_eval[1],
+            "test_loss": last_eval[0],
+            "num_clients": len(trained),
+            "num_sampled": len(cohort),
+            "num_failed": len(failed),
+            "num_dropped": missing,
+            "clients_declined": declined,
+            "round_seconds": round_seconds,
+            "client_updates_per_second": len(trained) / round_seconds if round_seconds > 0 else 0.0,
+        }
+        record.update(agg_metrics)
+        trackers.log_round(record)
+        history.append(record)
+        rounds_done = rnd
+        save_checkpoint(
+            run_dir,
+            {
+                "round": rnd,
+                "arrays": arrays.to_torch_state_dict(),
+                "aggregator": aggregator.state_dict(),
+                "sampler": sampler.state_dict(),
+                "config": to_dict(rc),
+                "wall_seconds": elapsed_before + time.time() - wall_start,
+            },
+        )
+
+    final_model = new_model(rc)
+    final_model.load_state_dict(arrays.to_torch_state_dict())
+    torch.save(final_model.state_dict(), run_dir / "model.pt")
+    summary: dict[str, Any] = {
+        "final_accuracy": last_eval[1],
+        "final_loss": last_eval[0],
+        "rounds_completed": rounds_done,
+        "rounds_planned": rc.num_rounds,
+        "stop_reason": stop_reason,
+        "wall_seconds": elapsed_before + time.time() - wall_start,
+        "dataset": rc.dataset.name,
+        "partition": rc.partition.scheme,
+        "num_clients": rc.num_clients,
+        "clients_per_round": rc.clients_per_round,
+        "sampling": rc.sampling,
+        "strategy": rc.strategy.name,
+        "privacy": rc.privacy.mode,
+    }
+    report = aggregator.privacy_report()
+    if report is not None:
+        summary.update(report.get("summary", {}))
+        (run_dir / "privacy.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
+    trackers.log_summary(summary)
+    trackers.finish()
+    return summary
+

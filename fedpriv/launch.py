@@ -1,0 +1,99 @@
+"""From a composed configuration to a finished simulation: validate, preflight, run, report.
+
+Every user error (bad key or value, missing data, impossible budget, GPU placement without a
+GPU) stops here, before Ray starts, with one line on stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+from typing import Any
+
+from fedpriv.config import ConfigError, RunConfig, parse_config
+
+
+class UserError(Exception):
+    """Anything the user can fix; printed as one line."""
+
+
+def preflight(rc: RunConfig) -> None:
+    """Checks that need more than the schema: data present and readable, placement, privacy plan."""
+    from fedpriv.data import DataError
+    from fedpriv.simulation import check_placement
+    from fedpriv.task import dataset_for, new_model
+    from strategies import build_aggregator
+
+    check_placement(rc.placement)
+    try:
+        ds = dataset_for(rc)
+    except DataError as exc:
+        raise UserError(f"data: {exc}") from None
+    if rc.partition.scheme == "natural" and ds.natural_ids is None:
+        raise ConfigError(f"config key 'partition.scheme': natural needs a data set with natural clients; {rc.dataset.name} has none")
+    try:
+        new_model(rc)
+    except ValueError as exc:
+        raise ConfigError(f"config key 'model.name': {exc}") from None
+    build_aggregator(rc)  # builds the privacy plan: an impossible budget fails here
+
+
+def quiet_libraries() -> None:
+    """Flower's deprecation notices and per-round INFO lines, and alembic's start-up chatter, hide
+    fedpriv's own lines; keep their warnings that matter (errors) only."""
+    import logging
+    import warnings
+
+    logging.getLogger("flwr").setLevel(logging.ERROR)
+    logging.getLogger("alembic").setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", category=FutureWarning, module="ray")
+    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+
+
+def fail(message: str) -> None:
+    print(f"fedpriv: error: {message}", file=sys.stderr, flush=True)
+    sys.exit(2)
+
+
+def launch(container: dict[str, Any], hydra_config: Any = None) -> float:
+    """Validate, preflight and run; returns the final test accuracy (the value sweepers optimise)."""
+    from fedpriv.simulation import run_simulation, write_config
+
+    try:
+        rc = parse_config(container)
+        preflight(rc)
+    except (ConfigError, UserError, ValueError) as exc:
+        fail(str(exc))
+        raise  # unreachable
+    if hydra_config is not None:
+        from fedpriv.tracking.sweep import apply_sweep_context
+
+        apply_sweep_context(rc, hydra_config)
+    write_config(rc)
+    quiet_libraries()
+    summary = run_simulation(rc)
+    print(final_report(summary, rc), flush=True)
+    acc = summary.get("final_accuracy")
+    return float(acc) if isinstance(acc, (int, float)) else math.nan
+
+
+def final_report(summary: dict[str, Any], rc: RunConfig) -> str:
+    lines = [
+        f"fedpriv: {summary['rounds_completed']}/{summary['rounds_planned']} rounds ({summary['stop_reason']}), "
+        f"final test accuracy {summary['final_accuracy']:.4f}, {summary['wall_seconds']:.1f} s",
+    ]
+    if "epsilon" in summary:
+        lines.append(
+            f"fedpriv: central DP (user-level): epsilon {summary['epsilon']:.3f} at delta {summary['delta']:.2e} "
+            f"over the whole run ({summary.get('accountant', '')}, {summary.get('sampling', '')} sampling)"
+        )
+    if "local_epsilon_max" in summary:
+        lines.append(
+            f"fedpriv: local DP-SGD (example-level): max client epsilon {summary['local_epsilon_max']:.3f} "
+            f"at delta {summary['local_delta']:.1e}"
+        )
+    for caveat in summary.get("privacy_caveats", []):
+        lines.append(f"fedpriv: caveat: {caveat}")
+    lines.append(f"fedpriv: outputs in {rc.run_dir}")
+    return "\n".join(lines)

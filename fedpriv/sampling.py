@@ -1,0 +1,47 @@
+"""Which clients take part in a round. The scheme must be the one the privacy accountant assumes.
+
+- ``poisson``: each client joins independently with probability q (amplification by Poisson sampling);
+- ``fixed``: exactly ``expected_size`` clients, uniformly without replacement;
+- ``all``: every client every round (no amplification).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+
+class ClientSampler:
+    """Draws a round's cohort from ``population_size`` clients.
+
+    ``seed=None`` draws the generator's seed from the operating system's entropy, so nobody can
+    predict who is sampled (what privacy amplification by sampling assumes).
+    """
+
+    def __init__(self, scheme: str, population_size: int, expected_size: int, seed: int | None):
+        if scheme not in ("poisson", "fixed", "all"):
+            raise ValueError(f"unknown sampling scheme {scheme!r}")
+        self.scheme = scheme
+        self.population_size = population_size
+        self.expected_size = min(expected_size, population_size)
+        self.rng = np.random.default_rng(seed)
+
+    @property
+    def rate(self) -> float:
+        """Each client's chance of taking part in a round."""
+        return 1.0 if self.scheme == "all" else self.expected_size / self.population_size
+
+    def sample(self) -> np.ndarray:
+        n = self.population_size
+        if self.scheme == "all":
+            return np.arange(n)
+        if self.scheme == "fixed":
+            return np.sort(self.rng.choice(n, size=self.expected_size, replace=False))
+        return np.flatnonzero(self.rng.random(n) < self.rate)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"bit_generator": self.rng.bit_generator.state}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.rng.bit_generator.state = state["bit_generator"]

@@ -1,0 +1,134 @@
+"""What a client and the server share: the model for a data set and a client's rows.
+
+Like Flower's quickstart task module: the apps stay thin shells over these functions.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from fedpriv.config import RunConfig, from_dict, to_dict
+from fedpriv.data import FederatedDataset, client_split, load_dataset, partition_indices
+from fedpriv.models import build_model
+
+
+@dataclass
+class ClientData:
+    client_id: int
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_val: np.ndarray
+    y_val: np.ndarray
+
+
+class EmptyPartition(RuntimeError):
+    """A client with no training rows: reported in the round's metrics, not a crash."""
+
+
+def encode_config(rc: RunConfig) -> str:
+    """The run's configuration as it travels inside a message (clients hold no config files)."""
+    return json.dumps(to_dict(rc), sort_keys=True)
+
+
+@lru_cache(maxsize=8)
+def decode_config(text: str) -> RunConfig:
+    return from_dict(json.loads(text))
+
+
+def dataset_for(rc: RunConfig) -> FederatedDataset:
+    return load_dataset(rc.dataset.name, rc.data.root)
+
+
+def partition_params(rc: RunConfig) -> dict[str, Any]:
+    p = rc.partition
+    return {
+        "dirichlet": {"alpha": p.alpha},
+        "pathological": {"classes_per_client": p.classes_per_client},
+        "shard": {"shards_per_client": p.shards_per_client},
+    }.get(p.scheme, {})
+
+
+def client_partition(rc: RunConfig, client_id: int, num_clients: int | None = None) -> np.ndarray:
+    ds = dataset_for(rc)
+    n = num_clients or rc.num_clients
+    parts = partition_indices(ds, rc.partition.scheme, n, rc.seed, **partition_params(rc))
+    if not 0 <= client_id < len(parts):
+        raise ValueError(f"client {client_id} does not exist: the partition has {len(parts)} clients")
+    return parts[client_id]
+
+
+def load_client_data(rc: RunConfig, client_id: int, node_config: dict[str, Any] | None = None) -> ClientData:
+    """The rows client ``client_id`` trains and validates on.
+
+    In deployment a SuperNode's ``--node-config`` decides: ``data-path=...`` (an ``.npz`` with
+    ``x_train``, ``y_train`` and optionally ``x_val``, ``y_val``: the owner's own files) or
+    ``partition-id=... num-partitions=...`` (a part of a shared data set).
+    """
+    node_config = node_config or {}
+    if "data-path" in node_config:
+        return _load_owner_file(Path(str(node_config["data-path"])), client_id)
+    num_clients = None
+    if "partition-id" in node_config and rc.client_mode == "nodes":
+        client_id = int(node_config["partition-id"])
+        num_clients = int(node_config.get("num-partitions", rc.num_clients))
+    ds = dataset_for(rc)
+    idx = client_partition(rc, client_id, num_clients)
+    if len(idx) == 0:
+        raise EmptyPartition(f"client {client_id} has an empty partition ({rc.partition.scheme})")
+    tr, va = client_split(idx, rc.data.val_fraction, rc.seed, client_id)
+    tr, va = np.sort(tr), np.sort(va)
+    return ClientData(client_id, ds.x_train[tr], ds.y_train[tr], ds.x_train[va], ds.y_train[va])
+
+
+def _load_owner_file(path: Path, client_id: int) -> ClientData:
+    if not path.exists():
+        raise FileNotFoundError(f"data-path {path} does not exist on this SuperNode")
+    with np.load(path) as f:
+        if "x_train" not in f or "y_train" not in f:
+            raise ValueError(f"{path} must hold arrays x_train and y_train (has {sorted(f.files)})")
+        x, y = f["x_train"].astype(np.float32), f["y_train"].astype(np.int64)
+        xv = f["x_val"].astype(np.float32) if "x_val" in f else x[:0]
+        yv = f["y_val"].astype(np.int64) if "y_val" in f else y[:0]
+    if len(x) == 0:
+        raise EmptyPartition(f"{path} holds no training rows")
+    return ClientData(client_id, x, y, xv, yv)
+
+
+def new_model(rc: RunConfig) -> nn.Module:
+    """The global model's architecture, freshly initialised from the run's seed."""
+    ds = dataset_for(rc)
+    return build_model(
+        rc.model.name,
+        task=ds.task,
+        input_shape=ds.input_shape,
+        num_classes=ds.num_classes,
+        vocab_size=ds.vocab_size,
+        hidden=tuple(rc.model.hidden),
+        width=rc.model.width,
+        seed=rc.seed,
+    )
+
+
+def training_generator(seed: int, server_round: int, client_id: int) -> torch.Generator:
+    """Batch order for one client in one round: deterministic for the run's seed."""
+    g = torch.Generator()
+    g.manual_seed((seed * 1_000_003 + server_round) * 1_000_033 + client_id)
+    return g
+
+
+def pick_device(requested: str) -> str:
+    """``auto``: a GPU when this process can see one; ``cuda`` without one is a clear error."""
+    if requested == "cpu":
+        return "cpu"
+    has_gpu = torch.cuda.is_available()
+    if requested == "cuda" and not has_gpu:
+        raise RuntimeError("device=cuda but no CUDA GPU is visible to this process")
+    return "cuda" if has_gpu else "cpu"

@@ -1,0 +1,61 @@
+"""Model updates as arrays: difference, L2 norm, clipping. Used by the server and by clients.
+
+Only floating-point arrays carry an update; integer buffers (BatchNorm's counters) cannot be
+clipped or noised meaningfully, so a model that has them is refused with a clear message.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+Arrays = dict[str, np.ndarray]
+
+
+class IntegerBufferError(ValueError):
+    """The model holds integer arrays, which differential privacy here cannot cover."""
+
+
+def check_float_arrays(arrays: Arrays) -> None:
+    bad = [k for k, v in arrays.items() if not np.issubdtype(v.dtype, np.floating)]
+    if bad:
+        raise IntegerBufferError(
+            f"model has integer buffers {bad[:3]}{'...' if len(bad) > 3 else ''}: they cannot be clipped or noised; "
+            "use GroupNorm instead of BatchNorm (all fedpriv models do)"
+        )
+
+
+def difference(new: Arrays, old: Arrays) -> Arrays:
+    """``new - old`` per array, in float64 for accumulation."""
+    if new.keys() != old.keys():
+        raise ValueError(f"update keys differ from the model's: {sorted(set(new) ^ set(old))[:5]}")
+    out = {}
+    for k in old:
+        if new[k].shape != old[k].shape:
+            raise ValueError(f"update array {k!r} has shape {new[k].shape}, the model's is {old[k].shape}")
+        out[k] = new[k].astype(np.float64) - old[k].astype(np.float64)
+    return out
+
+
+def l2_norm(arrays: Arrays) -> float:
+    """The L2 norm of all arrays taken together as one vector."""
+    return float(np.sqrt(sum(float(np.vdot(v, v)) for v in arrays.values())))
+
+
+def clip(arrays: Arrays, clip_norm: float) -> tuple[Arrays, float, bool]:
+    """Scale to L2 norm at most ``clip_norm``; returns (clipped, original norm, was_clipped).
+
+    A zero update stays zero (no division by its norm).
+    """
+    norm = l2_norm(arrays)
+    if norm <= clip_norm:
+        return arrays, norm, False
+    factor = clip_norm / norm
+    return {k: v * factor for k, v in arrays.items()}, norm, True
+
+
+def add(a: Arrays, b: Arrays) -> Arrays:
+    return {k: a[k] + b[k] for k in a}
+
+
+def num_parameters(arrays: Arrays) -> int:
+    return int(sum(v.size for v in arrays.values()))

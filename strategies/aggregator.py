@@ -1,0 +1,47 @@
+"""Drive one of Flower's strategies round by round, inside fedpriv's own round loop.
+
+fedpriv samples clients itself (the sampling must match the privacy accountant), so Flower's
+``configure_train`` is called only for the state it keeps (FedAdam's and FedAvgM's server
+optimiser); its node choice is not used. ``aggregate_train`` is Flower's, unchanged.
+"""
+
+from __future__ import annotations
+
+import pickle
+from typing import Any
+
+from flwr.app import ArrayRecord, ConfigRecord, Message
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
+
+# Attributes in which Flower's strategies keep state between rounds (server optimisers).
+_STATEFUL = ("current_arrays", "m_t", "v_t", "momentum_vector")
+
+
+class FlowerAggregator:
+    """A Flower strategy used for aggregation only."""
+
+    def __init__(self, strategy: Strategy):
+        self.strategy = strategy
+
+    def begin_round(self, server_round: int, arrays: ArrayRecord, grid: Grid) -> dict[str, Any]:
+        """Let the strategy see the round's global model; returns extra config for clients."""
+        self.strategy.configure_train(server_round, arrays, ConfigRecord(), grid)
+        return {}
+
+    def aggregate(self, server_round: int, arrays: ArrayRecord, replies: list[Message]) -> tuple[ArrayRecord | None, dict[str, Any]]:
+        """Flower's aggregation of successful replies (weighted by ``num-examples``)."""
+        if not replies:
+            return None, {}
+        new_arrays, metrics = self.strategy.aggregate_train(server_round, replies)
+        return new_arrays, dict(metrics or {})
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"flower_state": pickle.dumps({k: getattr(self.strategy, k) for k in _STATEFUL if hasattr(self.strategy, k)})}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for k, v in pickle.loads(state["flower_state"]).items():
+            setattr(self.strategy, k, v)
+
+    def privacy_report(self) -> dict[str, Any] | None:
+        return None

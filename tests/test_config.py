@@ -1,0 +1,77 @@
+"""The schema refuses bad configurations with one line naming the key, before any work starts."""
+
+from __future__ import annotations
+
+import pytest
+
+from fedpriv.compose import compose_config
+from fedpriv.config import ConfigError
+from fedpriv.simulation import backend_config, check_placement, concurrent_clients, num_simulated_nodes
+
+
+def test_default_config_composes():
+    rc = compose_config([])
+    assert rc.dataset.name == "digits"
+    assert rc.privacy.mode == "none"
+    assert rc.train.lr == 0.1  # the data set's recipe overrides the root default
+
+
+def test_overrides_and_groups():
+    rc = compose_config("dataset=fashion_mnist partition=dirichlet partition.alpha=0.3 num_clients=100 clients_per_round=10 strategy=fedadam seed=1")
+    assert (rc.dataset.name, rc.partition.scheme, rc.partition.alpha, rc.strategy.name, rc.seed) == (
+        "fashion_mnist", "dirichlet", 0.3, "fedadam", 1)
+
+
+@pytest.mark.parametrize(
+    "overrides, key",
+    [
+        ("partition=dirichlet partition.alpha=0", "partition.alpha"),
+        ("partition=dirichlet partition.alpha=-1", "partition.alpha"),
+        ("num_clients=5 clients_per_round=6", "clients_per_round"),
+        ("train.lr=-0.1", "train.lr"),
+        ("+dataset.colour=red", "dataset.colour"),
+        ("+trian.lr=0.1", "trian"),
+        ("sampling=sometimes", "sampling"),
+        ("num_rounds=0", "num_rounds"),
+        ("train.batch_size=abc", "train.batch_size"),
+    ],
+)
+def test_bad_values_name_the_key(overrides, key):
+    with pytest.raises(ConfigError) as info:
+        compose_config(overrides)
+    message = str(info.value)
+    assert key in message
+    assert "\n" not in message
+
+
+def test_unknown_group_option_lists_the_allowed_ones():
+    with pytest.raises(ConfigError) as info:
+        compose_config("dataset=imagenet")
+    assert "imagenet" in str(info.value) and "fashion_mnist" in str(info.value)
+
+
+def test_gpu_placement_without_gpu_is_refused():
+    rc = compose_config("placement=gpu")
+    with pytest.raises(ConfigError, match="placement"):
+        check_placement(rc.placement, gpus_available=0)
+    check_placement(rc.placement, gpus_available=1)  # fine where a GPU exists
+
+
+def test_ray_resource_mapping():
+    gpu = compose_config("placement=gpu").placement
+    cfg = backend_config(gpu)
+    assert cfg["client_resources"] == {"num_cpus": 1.0, "num_gpus": 0.25}
+    assert concurrent_clients(gpu, cpus=16, gpus=2) == 8  # 2 GPUs / 0.25
+    assert concurrent_clients(gpu, cpus=4, gpus=2) == 4  # CPU-bound
+    cpu = compose_config("placement=cpu placement.num_cpus_per_client=0.5").placement
+    assert concurrent_clients(cpu, cpus=2) == 4
+    cluster = compose_config("placement=cluster").placement
+    assert backend_config(cluster)["init_args"]["address"] == "auto"
+    check_placement(cluster, gpus_available=0)  # an existing cluster's GPUs are not counted here
+
+
+def test_simulated_nodes_do_not_grow_with_clients():
+    rc = compose_config("num_clients=10000 clients_per_round=50")
+    assert num_simulated_nodes(rc) < 100
+    rc = compose_config("num_clients=10 clients_per_round=10 sampling=all")
+    assert num_simulated_nodes(rc) == 10
