@@ -1,19 +1,33 @@
 """One client's round: train on its rows and return the new model with its metrics.
 
 The privacy-relevant steps hook in here: DP-SGD (``privacy.mode`` local / central_local) and
-client-side clipping (``privacy.clip_on=client``).
+client-side clipping of the update (``privacy.clip_on=client`` under central DP).
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Context
 from torch import nn
 
 from clients.training import train
+from fedpriv import updates
 from fedpriv.config import RunConfig
 from fedpriv.task import ClientData, pick_device, training_generator
+
+
+def clip_update_on_client(received: dict[str, np.ndarray], trained: dict[str, np.ndarray], clip_norm: float) -> tuple[dict[str, np.ndarray], float]:
+    """The model to send back so that its difference from ``received`` has norm <= ``clip_norm``.
+
+    Returns (arrays, unclipped) where ``unclipped`` is 1.0 when the update needed no clipping
+    (the bit adaptive clipping counts; the server adds noise to the count).
+    """
+    updates.check_float_arrays(received)
+    delta, _, was_clipped = updates.clip(updates.difference(trained, received), clip_norm)
+    arrays = {k: (received[k].astype(np.float64) + delta[k]).astype(received[k].dtype) for k in received}
+    return arrays, 0.0 if was_clipped else 1.0
 
 
 def run_local_update(
@@ -21,6 +35,7 @@ def run_local_update(
 ) -> tuple[ArrayRecord, dict[str, Any]]:
     server_round = int(cfg["server-round"])
     device = pick_device(rc.device)
+    received = {k: v.detach().cpu().numpy().copy() for k, v in model.state_dict().items()}
     stats = train(
         model,
         data.x_train,
@@ -38,4 +53,7 @@ def run_local_update(
         "num-examples": float(len(data.x_train)),
         "train_loss": stats["train_loss"],
     }
-    return ArrayRecord(model.cpu().state_dict()), metrics
+    trained = {k: v.detach().cpu().numpy() for k, v in model.state_dict().items()}
+    if "clip-norm" in cfg:
+        trained, metrics["unclipped"] = clip_update_on_client(received, trained, float(cfg["clip-norm"]))
+    return ArrayRecord(trained), metrics
