@@ -56,4 +56,4 @@ def run_local_update(
     trained = {k: v.detach().cpu().numpy() for k, v in model.state_dict().items()}
     if "clip-norm" in cfg:
         trained, metrics["unclipped"] = clip_update_on_client(received, trained, float(cfg["clip-norm"]))
-    return ArrayRecord(trained), metrics
+    return updates.to_record(trained), metrics

@@ -59,3 +59,15 @@ def add(a: Arrays, b: Arrays) -> Arrays:
 
 def num_parameters(arrays: Arrays) -> int:
     return int(sum(v.size for v in arrays.values()))
+
+
+def to_record(arrays: Arrays):
+    """A Flower ArrayRecord holding ``arrays`` (keys and order kept)."""
+    from flwr.app import Array, ArrayRecord
+
+    return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()})
+
+
+def from_record(record) -> Arrays:
+    """The arrays of a Flower ArrayRecord as NumPy, by key."""
+    return {k: v.numpy() for k, v in record.items()}
