@@ -9,12 +9,11 @@ from __future__ import annotations
 import json
 import logging
 import math
-import secrets
+import os
 import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
@@ -231,6 +230,8 @@ def run_federation(grid: Grid, rc: RunConfig) -> dict[str, Any]:
                 "wall_seconds": elapsed_before + time.time() - wall_start,
             },
         )
+        if os.environ.get("FEDPRIV_TEST_CRASH_AFTER_ROUND") == str(rnd):  # test-only: an interrupted run
+            raise RuntimeError(f"simulated crash after round {rnd}")
 
     final_model = new_model(rc)
     final_model.load_state_dict(arrays.to_torch_state_dict())

@@ -60,6 +60,7 @@ def launch(container: dict[str, Any], hydra_config: Any = None) -> float:
     """Validate, preflight and run; returns the final test accuracy (the value sweepers optimise)."""
     from fedpriv.simulation import run_simulation, write_config
 
+    quiet_libraries()
     try:
         rc = parse_config(container)
         preflight(rc)
@@ -71,7 +72,6 @@ def launch(container: dict[str, Any], hydra_config: Any = None) -> float:
 
         apply_sweep_context(rc, hydra_config)
     write_config(rc)
-    quiet_libraries()
     summary = run_simulation(rc)
     print(final_report(summary, rc), flush=True)
     acc = summary.get("final_accuracy")

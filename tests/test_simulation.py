@@ -1,0 +1,88 @@
+"""End to end: scripts/simulate.py on Flower's simulation engine, as a user runs it."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SIMULATE = [sys.executable, str(ROOT / "scripts" / "simulate.py")]
+FAST = ["num_clients=6", "clients_per_round=3", "tracking.progress=false"]
+
+
+def simulate(*overrides: str, env: dict[str, str] | None = None, timeout: float = 400) -> subprocess.CompletedProcess:
+    full_env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
+    return subprocess.run(
+        [*SIMULATE, *overrides], cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=timeout
+    )
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+@pytest.mark.parametrize(
+    "overrides, env, expected",
+    [
+        (["+dataset.colour=red"], {}, "dataset.colour"),
+        (["num_clients=5", "clients_per_round=9"], {}, "clients_per_round"),
+        (["placement=gpu"], {"CUDA_VISIBLE_DEVICES": ""}, "placement"),
+        (["dataset=fashion_mnist", "data.root=BROKEN"], {}, "train-images-idx3-ubyte"),
+    ],
+)
+def test_bad_input_stops_before_any_work_with_one_line(tmp_path, overrides, env, expected):
+    broken = tmp_path / "broken" / "fashion-mnist"  # data.root is searched first: a truncated file there
+    broken.mkdir(parents=True)
+    for name in ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"):
+        (broken / name).write_bytes(b"\x00\x00\x08\x03" + b"\x00" * 10)
+    overrides = [o.replace("BROKEN", str(broken)) for o in overrides]
+    env = {"FEDPRIV_CACHE": str(tmp_path / "cache"), **env}  # no decoded copy from an earlier run
+    result = simulate(*overrides, f"hydra.run.dir={tmp_path}", env=env, timeout=120)
+    assert result.returncode != 0
+    errors = [line for line in result.stderr.splitlines() if line.startswith("fedpriv: error:")]
+    assert len(errors) == 1, result.stderr[-2000:]
+    assert expected in errors[0]
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "metrics.jsonl").exists()  # no round ran
+
+
+@pytest.mark.slow
+def test_run_writes_outputs_and_resumes_after_a_crash(tmp_path):
+    run_dir = tmp_path / "run"
+    crashed = simulate(*FAST, "num_rounds=3", f"hydra.run.dir={run_dir}", env={"FEDPRIV_TEST_CRASH_AFTER_ROUND": "2"})
+    assert crashed.returncode != 0
+    rounds = [r["round"] for r in read_jsonl(run_dir / "metrics.jsonl")]
+    assert rounds == [1, 2]  # both finished rounds were kept
+    assert (run_dir / "checkpoint.pt").exists()
+
+    resumed = simulate(*FAST, "num_rounds=3", "resume=true", f"run_dir={run_dir}", f"hydra.run.dir={tmp_path / 'hydra2'}")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    metrics = read_jsonl(run_dir / "metrics.jsonl")
+    assert [r["round"] for r in metrics] == [1, 2, 3]  # round 3 added, none redone
+    for r in metrics:
+        for key in ("test_accuracy", "test_loss", "num_clients", "round_seconds"):
+            assert key in r
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["rounds_completed"] == 3
+    assert summary["dataset"] == "digits" and summary["num_clients"] == 6
+    assert 0.0 <= summary["final_accuracy"] <= 1.0 and summary["wall_seconds"] > 0
+    assert (run_dir / "model.pt").exists() and (run_dir / "config.yaml").exists()
+
+    changed = simulate(*FAST, "num_rounds=3", "seed=5", "resume=true", f"run_dir={run_dir}", f"hydra.run.dir={tmp_path / 'h3'}", timeout=120)
+    assert changed.returncode != 0 and "seed" in changed.stderr  # a different run cannot resume this one
+
+
+@pytest.mark.slow
+def test_multirun_jobs_keep_separate_outputs(tmp_path):
+    result = simulate("-m", *FAST, "num_rounds=1", "seed=0,1", f"hydra.sweep.dir={tmp_path}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    summaries = sorted(tmp_path.glob("*/summary.json"))
+    assert len(summaries) == 2
+    configs = [json.loads(p.read_text()) for p in summaries]
+    assert all(c["rounds_completed"] == 1 for c in configs)
+    assert sorted(p.parent.name.rsplit(",", 1)[-1] for p in summaries) == ["seed=0", "seed=1"]
