@@ -1,0 +1,238 @@
+"""A run's central-DP plan: per-round noise, the sampling the accountant assumes, delta, budget.
+
+Built once from the configuration before the first round (an impossible request fails here,
+before Ray starts), then used by the central-DP strategy to record each round's release and to
+write the run's privacy report.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from fedpriv.config import ConfigError, RunConfig
+
+from .budget import check_delta, default_delta
+from .ledger import PrivacyLedger
+from .schedules import NoiseSchedule, Shape, calibrate, constant, cosine, linear, phases, step
+
+
+@dataclass
+class NoisePlan:
+    """What the accountant assumes about every round of a run.
+
+    noise_multipliers: total noise multiplier z_t of each round (std of the noise on the sum of
+        clipped updates, in units of the clip norm).
+    sampling / sampling_rate / population / sample_size: how clients are chosen each round
+        (``poisson`` with rate q; ``fixed``: sample_size of population without replacement;
+        ``all``: no sampling, no amplification).
+    denominator: the expected cohort the noised sum is divided by (sensitivity C / denominator).
+    delta: the delta every epsilon of this run is reported at.
+    target_epsilon: the budget; a round that would exceed it is not run.
+    """
+
+    noise_multipliers: list[float]
+    sampling: str
+    sampling_rate: float
+    population: int
+    sample_size: int | None
+    denominator: float
+    delta: float
+    accountant: str
+    target_epsilon: float | None
+    calibrated: bool
+    delta_rule: str
+    caveats: list[str] = field(default_factory=list)
+
+    def record_round(self, ledger: PrivacyLedger, noise_multiplier: float) -> None:
+        """Record one round's release (the noised sum, and under adaptive clipping the noised count)."""
+        ledger.record(
+            noise_multiplier,
+            self.sampling_rate,
+            self.sampling,
+            1,
+            population=self.population if self.sampling == "fixed" else None,
+            sample_size=self.sample_size if self.sampling == "fixed" else None,
+        )
+
+    def ledger_kwargs(self) -> dict[str, Any]:
+        return {
+            "sampling_rate": self.sampling_rate,
+            "sampling": self.sampling,
+            "population": self.population if self.sampling == "fixed" else None,
+            "sample_size": self.sample_size if self.sampling == "fixed" else None,
+        }
+
+    def report(self, ledger: PrivacyLedger, *, clipping: Any, clip_on: str, secure_rng: bool) -> dict[str, Any]:
+        """privacy.json: the guarantee in words, the figures, the ledger's events, the caveats."""
+        rounds = ledger.num_releases
+        eps = ledger.epsilon(self.delta, self.accountant) if rounds else 0.0
+        cross = ledger.epsilon_report(self.delta) if rounds else {}
+        caveats = list(self.caveats) + list(ledger.caveats)
+        if not secure_rng:
+            caveats.append("NOT FOR RELEASE: noise drawn from a seeded, reproducible generator (privacy.secure_rng=false)")
+        caveats.append(
+            "per-round diagnostics (update_norm_p*, train_loss, and clipped_fraction under fixed clipping) are "
+            "computed from raw client updates for the operator; they are not covered by this guarantee"
+        )
+        words = (
+            f"User-level differential privacy: for any one client, adding or removing all of its "
+            f"data changes the distribution of everything the server released over the {rounds} completed round(s) "
+            f"(the sequence of noised model updates{' and noised clipped-counts' if clipping.adaptive else ''}, hence the "
+            f"final model) by at most (epsilon={eps:.4g}, delta={self.delta:.3g}). It assumes {self._sampling_words()}, "
+            f"each client's update clipped to L2 norm {'following the adaptive norm' if clipping.adaptive else clipping.norm} "
+            f"(clipped on the {clip_on}), Gaussian noise added by a trusted server, and the ledger's {self.accountant.upper()} "
+            "accountant. It does not protect against a server that deviates from this code, and it says nothing about a "
+            "single example's privacy beyond that of its client."
+        )
+        summary = {
+            "epsilon": eps,
+            "delta": self.delta,
+            "accountant": self.accountant,
+            "sampling": self.sampling,
+            "target_epsilon": self.target_epsilon,
+            "privacy_caveats": caveats,
+        }
+        return {
+            "summary": summary,
+            "guarantee": words,
+            "unit": "user (client)",
+            "neighbouring_relation": ledger.neighboring_relation,
+            "epsilon": eps,
+            "delta": self.delta,
+            "delta_rule": self.delta_rule,
+            "accountant": self.accountant,
+            "epsilon_by_accountant": cross,
+            "sampling": {
+                "scheme": self.sampling,
+                "rate": self.sampling_rate,
+                "population": self.population,
+                "sample_size": self.sample_size,
+                "noise_denominator": self.denominator,
+            },
+            "noise_multipliers_planned": self.noise_multipliers,
+            "calibrated": self.calibrated,
+            "clipping": {
+                "mode": "adaptive" if clipping.adaptive else "fixed",
+                "clip_on": clip_on,
+                "final_norm": clipping.norm,
+                "count_stddev": clipping.count_stddev if clipping.adaptive else None,
+            },
+            "secure_rng": secure_rng,
+            "events": ledger.state_dict()["events"],
+            "caveats": caveats,
+        }
+
+    def _sampling_words(self) -> str:
+        if self.sampling == "poisson":
+            return f"each client joins each round independently with probability q={self.sampling_rate:.4g} (Poisson sampling)"
+        if self.sampling == "fixed":
+            return f"each round samples exactly {self.sample_size} of {self.population} clients uniformly without replacement"
+        return "every client takes part in every round (no amplification by sampling)"
+
+
+def schedule_shape(rc: RunConfig) -> Shape:
+    s = rc.schedule
+    if s.name == "constant":
+        return constant(1.0)
+    if s.name == "linear":
+        return linear(1.0, s.end_factor)
+    if s.name == "cosine":
+        return cosine(1.0, s.end_factor)
+    if s.name == "step":
+        return step(s.gamma, s.step_size)
+    if s.name == "phases":
+        if not s.phases:
+            raise ConfigError("config key 'schedule.phases': give a list of [rounds, relative multiplier] pairs")
+        try:
+            return phases([(int(n), float(v)) for n, v in s.phases])
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"config key 'schedule.phases': {exc}") from None
+    raise ConfigError(f"config key 'schedule.name': unknown schedule {s.name!r}")
+
+
+def make_noise_plan(rc: RunConfig) -> NoisePlan:
+    """The central-DP plan of ``rc``: calibrated noise, or the given one; fails early and clearly."""
+    p = rc.privacy
+    q = 1.0 if rc.sampling == "all" else rc.clients_per_round / rc.num_clients
+    expected = rc.num_clients if rc.sampling == "all" else rc.clients_per_round
+    population, caveats = rc.num_clients, []
+    denominator = float(expected)
+    if p.noise_cohort_size is not None:
+        # Calibrate for a deployment whose cohort is noise_cohort_size at the same sampling rate.
+        denominator = float(p.noise_cohort_size)
+        population = max(int(round(p.noise_cohort_size / q)), p.noise_cohort_size)
+        caveats.append(
+            f"noise_cohort_size={p.noise_cohort_size}: noise is calibrated for cohorts of {p.noise_cohort_size} "
+            f"(population {population} at q={q:.4g}); the epsilon holds only for a deployment at that scale, not "
+            f"for this simulation of {rc.num_clients} clients with cohorts of {expected}"
+        )
+    sample_size = int(denominator) if rc.sampling == "fixed" else None
+
+    if p.delta is None:
+        delta, delta_rule = default_delta(population), f"delta = min(1e-5, 1/N^1.1) with N={population}"
+    else:
+        delta, delta_rule = p.delta, "delta set by privacy.delta"
+    try:
+        check_delta(delta, population)
+    except ValueError as exc:
+        raise ConfigError(f"config key 'privacy.delta': {exc}") from None
+
+    accountant = "rdp" if rc.sampling == "fixed" else p.accountant
+    if rc.sampling == "fixed" and p.accountant == "pld":
+        caveats.append("fixed-size sampling is accounted with RDP (dp-accounting's PLD has no sampling without replacement)")
+    shape = schedule_shape(rc)
+    if p.noise_multiplier is not None:
+        if p.noise_multiplier <= 0:
+            raise ConfigError("config key 'privacy.noise_multiplier': must be > 0 under central DP (0 gives no privacy)")
+        rel = NoiseSchedule(shape, rc.num_rounds).noise_multipliers()
+        multipliers = [p.noise_multiplier * v / rel[0] for v in rel]
+        calibrated = False
+    elif p.target_epsilon is not None:
+        try:
+            sched = calibrate(
+                shape,
+                rc.num_rounds,
+                q,
+                rc.sampling,
+                delta,
+                p.target_epsilon,
+                population=population if rc.sampling == "fixed" else None,
+                sample_size=sample_size,
+                accountant=accountant,
+            )
+        except ValueError as exc:
+            raise ConfigError(f"config key 'privacy.target_epsilon': {exc}") from None
+        multipliers = sched.noise_multipliers()
+        calibrated = True
+    else:
+        raise ConfigError("config key 'privacy': central DP needs privacy.target_epsilon or privacy.noise_multiplier")
+    if any(not math.isfinite(z) or z <= 0 for z in multipliers):
+        raise ConfigError("config key 'privacy': the schedule gives a non-positive noise multiplier")
+    return NoisePlan(
+        noise_multipliers=multipliers,
+        sampling=rc.sampling,
+        sampling_rate=q,
+        population=population,
+        sample_size=sample_size,
+        denominator=denominator,
+        delta=delta,
+        accountant=accountant,
+        target_epsilon=p.target_epsilon,
+        calibrated=calibrated,
+        delta_rule=delta_rule,
+        caveats=caveats,
+    )
+
+
+def plan_epsilons(plan: NoisePlan) -> list[float]:
+    """Epsilon after each round if the run follows the plan (for "planned vs spent")."""
+    from .schedules import Phases, planned_epsilons
+
+    schedule = NoiseSchedule(Phases(tuple((1, z) for z in plan.noise_multipliers)), len(plan.noise_multipliers))
+    kw = plan.ledger_kwargs()
+    return planned_epsilons(
+        schedule, kw["sampling_rate"], kw["sampling"], plan.delta,
+        population=kw["population"], sample_size=kw["sample_size"], accountant=plan.accountant,
+    )
