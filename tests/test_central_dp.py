@@ -1,0 +1,209 @@
+"""Central DP strategy: the noise actually added, clipping, adaptive clipping, budget, accounting.
+
+Every figure is checked against an independent computation (closed forms, dp-accounting called
+directly), never against the strategy's own arithmetic.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from dp_accounting import dp_event, pld, rdp
+from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
+
+from clients.local_update import clip_update_on_client
+from fedpriv.compose import compose_config
+from fedpriv.config import ConfigError
+from fedpriv.federation import StopRun
+from fedpriv.updates import IntegerBufferError, to_record
+from strategies import build_aggregator
+from strategies.aggregator import FlowerAggregator
+from strategies.central_dp import CentralDPAggregator, ClippingState
+from strategies.factory import build_flower_strategy
+
+
+@pytest.fixture(autouse=True)
+def flower_run_identity():
+    """Flower builds messages only inside a run (a ServerApp sets this); pretend to be in one."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    before = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
+    yield
+    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = before
+
+
+class FakeGrid:
+    """Enough of a Flower Grid for Flower's configure_train: one node."""
+
+    def get_node_ids(self):
+        return [1]
+
+
+def reply(arrays: dict[str, np.ndarray], **metrics: float) -> Message:
+    content = RecordDict({"arrays": to_record(arrays), "metrics": MetricRecord({"num-examples": 10.0, "train_loss": 0.5, **metrics})})
+    return Message(content, dst_node_id=1, message_type="train")
+
+
+def make_agg(overrides: str) -> CentralDPAggregator:
+    rc = compose_config(overrides)
+    agg = build_aggregator(rc)
+    assert isinstance(agg, CentralDPAggregator)
+    return agg
+
+
+def model_arrays(n: int, value: float = 0.0) -> dict[str, np.ndarray]:
+    return {"w": np.full(n, value, dtype=np.float32), "b": np.full(8, value, dtype=np.float32)}
+
+
+def test_noise_std_matches_z_c_over_expected_cohort_on_a_large_model():
+    # 200k parameters, no client update at all: what comes back is pure noise / E[m].
+    agg = make_agg("num_clients=100 clients_per_round=10 privacy=central privacy.noise_multiplier=1.3 privacy.clip_norm=0.5 privacy.secure_rng=false")
+    zeros = model_arrays(200_000)
+    agg.begin_round(1, to_record(zeros), FakeGrid())
+    new, metrics = agg.aggregate(1, to_record(zeros), [reply(zeros) for _ in range(7)])  # 7 of E[m]=10 replied
+    noise = np.concatenate([v.numpy().ravel() for v in new.values()]).astype(np.float64)
+    expected_std = 1.3 * 0.5 / 10  # z * C / E[m], whatever the number of replies
+    assert abs(noise.std() / expected_std - 1) < 0.02
+    assert abs(noise.mean()) < 4 * expected_std / math.sqrt(noise.size)
+    assert metrics["noise_multiplier"] == pytest.approx(1.3)
+
+
+def test_updates_are_clipped_unweighted_and_divided_by_the_expected_cohort():
+    agg = make_agg("num_clients=40 clients_per_round=4 privacy=central privacy.noise_multiplier=1.0 privacy.clip_norm=1.0 privacy.secure_rng=false")
+    agg._noise_override = 0.0  # test-only: look at the signal alone
+    base = model_arrays(3)
+    big = {"w": np.array([30.0, 40.0, 0.0], np.float32), "b": np.zeros(8, np.float32)}  # norm 50 -> scaled to 1
+    small = {"w": np.array([0.3, 0.0, 0.0], np.float32), "b": np.zeros(8, np.float32)}  # norm 0.3, kept
+    agg.begin_round(1, to_record(base), FakeGrid())
+    # Example counts differ wildly: an unweighted estimator ignores them.
+    new, metrics = agg.aggregate(1, to_record(base), [reply(big, **{"num-examples": 5000.0}), reply(small, **{"num-examples": 1.0})])
+    w = new["w"].numpy()
+    np.testing.assert_allclose(w, [(0.6 + 0.3) / 4, 0.8 / 4, 0.0], atol=1e-6)
+    assert metrics["clipped_fraction"] == pytest.approx(0.5)
+
+
+def test_zero_update_is_fine_and_integer_buffers_are_refused():
+    agg = make_agg("num_clients=10 clients_per_round=5 privacy=central privacy.noise_multiplier=1.0 privacy.secure_rng=false")
+    base = model_arrays(4)
+    agg.begin_round(1, to_record(base), FakeGrid())
+    agg.aggregate(1, to_record(base), [reply(base)])  # norm 0: no ZeroDivisionError
+    with_counter = {**base, "bn.num_batches_tracked": np.array([3], dtype=np.int64)}
+    agg.begin_round(2, to_record(with_counter), FakeGrid())
+    with pytest.raises(IntegerBufferError, match="num_batches_tracked"):
+        agg.aggregate(2, to_record(with_counter), [reply(with_counter)])
+
+
+def _adaptive(norm: float, updates_norm: float, rounds: int = 6) -> list[float]:
+    agg = make_agg(
+        f"num_clients=20 clients_per_round=10 privacy=central privacy.noise_multiplier=1.0 privacy.target_epsilon=null privacy.clipping=adaptive "
+        f"privacy.clip_norm={norm} privacy.secure_rng=false"
+    )
+    base = model_arrays(4)
+    upd = {"w": np.array([updates_norm, 0, 0, 0], np.float32), "b": np.zeros(8, np.float32)}
+    norms = []
+    for t in range(1, rounds + 1):
+        agg.begin_round(t, to_record(base), FakeGrid())
+        agg.aggregate(t, to_record(base), [reply(upd) for _ in range(10)])
+        norms.append(agg.clipping.norm)
+    return norms
+
+
+def test_adaptive_norm_grows_when_everything_is_clipped_and_shrinks_when_nothing_is():
+    grows = _adaptive(0.1, 5.0)
+    assert grows[-1] > 0.1 * 1.5 and all(b > a for a, b in zip(grows, grows[1:]))
+    shrinks = _adaptive(10.0, 0.01)
+    assert shrinks[-1] < 10.0 / 1.5 and all(b < a for a, b in zip(shrinks, shrinks[1:]))
+
+
+def test_adaptive_round_is_noised_with_the_norm_it_clipped_with():
+    agg = make_agg(
+        "num_clients=20 clients_per_round=10 privacy=central privacy.noise_multiplier=1.0 privacy.clipping=adaptive "
+        "privacy.clip_norm=0.1 privacy.secure_rng=false"
+    )
+    zeros = model_arrays(50_000)
+    agg.begin_round(1, to_record(zeros), FakeGrid())
+    upd = {"w": np.zeros(50_000, np.float32), "b": np.ones(8, np.float32)}  # norm 2.8 > 0.1: all clipped
+    new, metrics = agg.aggregate(1, to_record(zeros), [reply(upd) for _ in range(10)])
+    sigma_b = agg.clipping.count_stddev
+    assert sigma_b > 0.5  # E[m]/20 = 0.5 would leave no room for z=1: the default is raised
+    z_update = (1.0 ** -2 - (2 * sigma_b) ** -2) ** -0.5
+    assert metrics["clip_norm"] == 0.1 and agg.clipping.norm > 0.1  # next round's norm moved
+    noise = new["w"].numpy().astype(np.float64)
+    assert abs(noise.std() / (z_update * 0.1 / 10) - 1) < 0.03
+
+
+def test_adaptive_count_noise_too_small_for_the_total_is_refused_early():
+    with pytest.raises((ConfigError, ValueError)):
+        build_aggregator(compose_config(
+            "num_clients=20 clients_per_round=10 privacy=central privacy.noise_multiplier=5.0 privacy.clipping=adaptive "
+            "privacy.clipped_count_stddev=0.1"
+        ))
+
+
+def test_client_side_clipping_gives_the_same_aggregate():
+    base = model_arrays(3)
+    trained = {"w": np.array([3.0, 4.0, 0.0], np.float32), "b": np.zeros(8, np.float32)}
+    sent, unclipped = clip_update_on_client(base, trained, 1.0)
+    assert unclipped == 0.0
+    np.testing.assert_allclose(sent["w"], [0.6, 0.8, 0.0], atol=1e-6)
+    results = []
+    for clip_on, arrays in (("server", trained), ("client", sent)):
+        agg = make_agg(f"num_clients=10 clients_per_round=2 privacy=central privacy.noise_multiplier=1.0 privacy.clip_on={clip_on} privacy.secure_rng=false")
+        agg._noise_override = 0.0
+        extra = agg.begin_round(1, to_record(base), FakeGrid())
+        assert ("clip-norm" in extra) == (clip_on == "client")
+        new, _ = agg.aggregate(1, to_record(base), [reply(arrays, unclipped=unclipped)])
+        results.append(new["w"].numpy())
+    np.testing.assert_allclose(results[0], results[1], atol=1e-6)
+
+
+def _pld_epsilon(z: float, q: float, rounds: int, delta: float) -> float:
+    acc = pld.PLDAccountant(value_discretization_interval=1e-4)
+    acc.compose(dp_event.PoissonSampledDpEvent(q, dp_event.GaussianDpEvent(z)), rounds)
+    return acc.get_epsilon(delta)
+
+
+def test_ledger_of_a_run_matches_dp_accounting_and_the_budget_stops_the_run():
+    agg = make_agg("num_clients=100 clients_per_round=10 num_rounds=4 privacy=central privacy.noise_multiplier=0.8 privacy.target_epsilon=50 privacy.secure_rng=false")
+    base = model_arrays(4)
+    for t in (1, 2, 3):
+        agg.begin_round(t, to_record(base), FakeGrid())
+        _, metrics = agg.aggregate(t, to_record(base), [reply(base)])
+    independent = _pld_epsilon(0.8, 0.1, 3, 1e-5)
+    assert metrics["epsilon"] == pytest.approx(independent, rel=0.02)
+    assert metrics["epsilon"] >= independent * 0.999  # never below the independent figure
+    # A budget below what round 4 would spend stops the run before it.
+    agg.plan.target_epsilon = metrics["epsilon"] * 1.001
+    with pytest.raises(StopRun, match="budget"):
+        agg.begin_round(4, to_record(base), FakeGrid())
+
+
+def test_calibrated_target_is_reached_within_one_percent():
+    rc = compose_config("num_clients=1000 clients_per_round=100 num_rounds=20 privacy=central privacy.target_epsilon=4")
+    agg = build_aggregator(rc)
+    z = agg.plan.noise_multipliers[0]
+    eps = _pld_epsilon(z, 0.1, 20, agg.plan.delta)
+    assert 0.99 * 4 <= eps <= 4 * 1.001
+
+
+def test_impossible_requests_fail_before_the_first_round():
+    with pytest.raises(ConfigError, match="privacy.delta"):
+        build_aggregator(compose_config("num_clients=100 clients_per_round=10 privacy=central privacy.delta=0.02"))
+    with pytest.raises(ConfigError, match="target_epsilon"):
+        build_aggregator(compose_config("num_clients=10 clients_per_round=10 sampling=all num_rounds=50 privacy=central privacy.target_epsilon=0.0001"))
+    with pytest.raises(ConfigError, match="privacy"):
+        build_aggregator(compose_config("privacy=central privacy.target_epsilon=null"))
+
+
+def test_plain_strategy_is_flowers_weighted_average():
+    rc = compose_config("")
+    agg = FlowerAggregator(build_flower_strategy(rc))
+    base = model_arrays(2)
+    agg.begin_round(1, to_record(base), FakeGrid())
+    a = {"w": np.array([1.0, 1.0], np.float32), "b": np.zeros(8, np.float32)}
+    b = {"w": np.array([4.0, 4.0], np.float32), "b": np.zeros(8, np.float32)}
+    new, _ = agg.aggregate(1, to_record(base), [reply(a, **{"num-examples": 3.0}), reply(b, **{"num-examples": 1.0})])
+    np.testing.assert_allclose(new["w"].numpy(), [1.75, 1.75])
