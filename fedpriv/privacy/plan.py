@@ -183,7 +183,11 @@ def make_noise_plan(rc: RunConfig) -> NoisePlan:
     if rc.sampling == "fixed" and p.accountant == "pld":
         caveats.append("fixed-size sampling is accounted with RDP (dp-accounting's PLD has no sampling without replacement)")
     shape = schedule_shape(rc)
-    if p.noise_multiplier is not None:
+    if p.noise_multiplier is None and p.target_epsilon is not None and math.isinf(p.target_epsilon):
+        # epsilon = inf: clipping and the unweighted estimator, no noise (the reference point of a sweep).
+        caveats.append("target_epsilon=inf: updates are clipped but NOT noised; this run has no privacy guarantee")
+        multipliers, calibrated = [0.0] * rc.num_rounds, False
+    elif p.noise_multiplier is not None:
         if p.noise_multiplier <= 0:
             raise ConfigError("config key 'privacy.noise_multiplier': must be > 0 under central DP (0 gives no privacy)")
         rel = NoiseSchedule(shape, rc.num_rounds).noise_multipliers()
@@ -208,7 +212,7 @@ def make_noise_plan(rc: RunConfig) -> NoisePlan:
         calibrated = True
     else:
         raise ConfigError("config key 'privacy': central DP needs privacy.target_epsilon or privacy.noise_multiplier")
-    if any(not math.isfinite(z) or z <= 0 for z in multipliers):
+    if any(not math.isfinite(z) or z < 0 for z in multipliers) or (0.0 in multipliers and max(multipliers) > 0):
         raise ConfigError("config key 'privacy': the schedule gives a non-positive noise multiplier")
     return NoisePlan(
         noise_multipliers=multipliers,
