@@ -22,6 +22,9 @@ from fedpriv.federation import run_federation
 def quiet_flower() -> None:
     """Keep Flower's per-round INFO lines out of the way of fedpriv's own."""
     logging.getLogger("flwr").setLevel(logging.WARNING)
+    # Under `flwr run` the ServerApp talks to the SuperLink over HTTP: one INFO line per request.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    logging.getLogger("httpcore").setLevel(logging.WARNING)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
 

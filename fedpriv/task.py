@@ -75,6 +75,12 @@ def load_client_data(rc: RunConfig, client_id: int, node_config: dict[str, Any] 
     node_config = node_config or {}
     if "data-path" in node_config:
         return _load_owner_file(Path(str(node_config["data-path"])), client_id)
+    if rc.client_mode == "nodes" and "partition-id" not in node_config:
+        # One node = one client: a node that names no data must not train on someone else's part.
+        raise ValueError(
+            "this SuperNode's --node-config names no data: give data-path=\"/abs/file.npz\" "
+            "or partition-id=I num-partitions=N"
+        )
     num_clients = None
     if "partition-id" in node_config and rc.client_mode == "nodes":
         client_id = int(node_config["partition-id"])
@@ -91,7 +97,13 @@ def load_client_data(rc: RunConfig, client_id: int, node_config: dict[str, Any] 
 def _load_owner_file(path: Path, client_id: int) -> ClientData:
     if not path.exists():
         raise FileNotFoundError(f"data-path {path} does not exist on this SuperNode")
-    with np.load(path) as f:
+    try:
+        f = np.load(path)  # allow_pickle stays False: a data file never runs code
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"data-path {path} is not a readable .npz file ({type(exc).__name__}: {exc})") from None
+    if not hasattr(f, "files"):
+        raise ValueError(f"data-path {path} is a single .npy array, not an .npz with x_train and y_train")
+    with f:
         if "x_train" not in f or "y_train" not in f:
             raise ValueError(f"{path} must hold arrays x_train and y_train (has {sorted(f.files)})")
         x, y = f["x_train"].astype(np.float32), f["y_train"].astype(np.int64)
