@@ -96,7 +96,7 @@ class LocalPrivacyConfig:
     noise_multiplier: Optional[float] = None  # set directly instead of a target
     delta: float = 1e-5  # per-client delta; should be < 1 / (rows of the smallest client)
     max_grad_norm: float = 1.0  # per-example clipping norm
-    grad_sample_mode: str = "hooks"  # hooks | functorch | ew | ghost
+    grad_sample_mode: str = "ghost"  # hooks | functorch | ew | ghost
     clipping: str = "flat"  # flat | per_layer
     max_physical_batch_size: int = 256  # memory cap; logical batches are split, privacy unchanged
     secure_mode: bool = False  # Opacus's cryptographically safe noise (slower)
@@ -155,6 +155,18 @@ class EvalConfig:
 
 
 @dataclass
+class AuditConfig:
+    """Canary audit of central DP (fedpriv.audit; issue 7). Enabling it changes the trained model:
+    the canaries' updates are in it (privacy.json says so); audit a configuration, do not ship it."""
+
+    enabled: bool = False
+    canaries: int = 1000  # canary directions m; each inserted into the population with prob 1/2, the rest held out
+    confidence: float = 0.95  # simultaneous confidence of all the audit's lower bounds
+    noise_scale: float = 1.0  # noise actually drawn / planned: 1 = real audit; 0 = non-private baseline; 0.1 = a broken run
+    seed: Optional[int] = None  # canary directions, inclusion and sampling; None: derived from seed
+
+
+@dataclass
 class RunConfig:
     seed: int = 0
     num_clients: int = 20
@@ -177,6 +189,7 @@ class RunConfig:
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    audit: AuditConfig = field(default_factory=AuditConfig)
 
 
 def parse_config(cfg: DictConfig | dict) -> RunConfig:
@@ -320,6 +333,21 @@ def check_config(rc: RunConfig) -> None:
     _one_of(rc.tracking.mode, ("auto", "online", "offline", "disabled"), "tracking.mode")
     _require(rc.eval.every >= 1, "eval.every", f"must be >= 1, got {rc.eval.every}")
     _require(rc.eval.batch_size >= 1, "eval.batch_size", f"must be >= 1, got {rc.eval.batch_size}")
+
+    au = rc.audit
+    _require(au.canaries >= 2, "audit.canaries", f"must be >= 2, got {au.canaries}")
+    _require(0 < au.confidence < 1, "audit.confidence", f"must be in (0, 1), got {au.confidence}")
+    _require(au.noise_scale >= 0, "audit.noise_scale", f"must be >= 0, got {au.noise_scale}")
+    _require(
+        not au.enabled or pr.mode in ("central", "central_local"),
+        "audit.enabled",
+        f"the canary audit needs central DP (privacy=central or central_local), got privacy.mode={pr.mode!r}",
+    )
+    _require(
+        au.enabled or au.noise_scale == 1.0,
+        "audit.noise_scale",
+        "only an audit run (audit.enabled=true) may scale the noise actually drawn",
+    )
 
 
 def to_dict(rc: RunConfig) -> dict[str, Any]:

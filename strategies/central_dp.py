@@ -82,6 +82,7 @@ class CentralDPAggregator:
         self._planned = plan_epsilons(plan)
         self._round_clip_norm: float | None = None
         self._noise_override: float = 1.0  # test-only hook: scale of the noise actually drawn
+        self.audit: Any = None  # fedpriv.audit.CanaryAudit when audit.enabled (issue 7)
 
     @classmethod
     def from_config(cls, rc: RunConfig, inner: Any) -> "CentralDPAggregator":
@@ -100,9 +101,15 @@ class CentralDPAggregator:
             count_stddev=float(count_std or 0.0),
         )
         if clipping.adaptive:  # fail now, not mid-run, if sigma_b leaves no room for the update noise
-            for z in set(plan.noise_multipliers):
+            for z in set(plan.noise_multipliers) - {0.0}:
                 update_noise_for_total(z, clipping.count_stddev)
-        return cls(inner, plan, clipping, clip_on=p.clip_on, secure_rng=p.secure_rng, seed=rc.seed)
+        agg = cls(inner, plan, clipping, clip_on=p.clip_on, secure_rng=p.secure_rng, seed=rc.seed)
+        if rc.audit.enabled:  # canary clients (fedpriv.audit.canaries); audit.noise_scale != 1 only in audit runs
+            from fedpriv.audit import CanaryAudit
+
+            agg.audit = CanaryAudit.from_config(rc, plan)
+            agg._noise_override = rc.audit.noise_scale
+        return agg
 
     # -- the round ---------------------------------------------------------------------------
     def noise_multiplier(self, server_round: int) -> float:
@@ -129,7 +136,8 @@ class CentralDPAggregator:
     def aggregate(self, server_round: int, arrays: ArrayRecord, replies: list[Message]) -> tuple[ArrayRecord | None, dict[str, Any]]:
         clip_norm = self._round_clip_norm if self._round_clip_norm is not None else self.clipping.norm
         z_total = self.noise_multiplier(server_round)
-        z_update = update_noise_for_total(z_total, self.clipping.count_stddev) if self.clipping.adaptive else z_total
+        adaptive_noise = self.clipping.adaptive and z_total > 0
+        z_update = update_noise_for_total(z_total, self.clipping.count_stddev) if adaptive_noise else z_total
 
         global_np = updates.from_record(arrays)
         updates.check_float_arrays(global_np)
@@ -145,7 +153,10 @@ class CentralDPAggregator:
             if loss is not None:
                 losses.append(float(loss))
 
-        denom = self.plan.denominator
+        canaries_in = 0
+        if self.audit is not None:  # inserted canaries sampled this round join the clipped sum, before the noise
+            total, canaries_in = self.audit.add_canaries(server_round, total, clip_norm)
+        denom = self.plan.denominator + (self.audit.expected_per_round if self.audit is not None else 0.0)
         noise_std_sum = z_update * clip_norm * self._noise_override
         signal_norm = updates.l2_norm(total) / denom
         noised_mean = {k: (v + self._rng.normal(0.0, noise_std_sum, size=v.shape)) / denom for k, v in total.items()}
@@ -166,6 +177,13 @@ class CentralDPAggregator:
             message_type="train",
         )
         new_arrays, _ = self.inner.aggregate(server_round, arrays, [synthetic])
+
+        if self.audit is not None:  # the release (noised average) and the model after it, for the auditor
+            self.audit.observe_round(
+                server_round, noised_mean, global_np, new_arrays if new_arrays is not None else new_global,
+                canaries_in=canaries_in, noise_multiplier_drawn=noise_std_sum / clip_norm,
+                count_stddev=self.clipping.count_stddev if self.clipping.adaptive else 0.0,
+            )
 
         if self.clipping.adaptive and noisy_unclipped is not None:
             self.clipping.update(noisy_unclipped)
@@ -189,6 +207,8 @@ class CentralDPAggregator:
             "cohort_size": len(replies),
             "train_loss": float(np.mean(losses)) if losses else math.nan,
         }
+        if self.audit is not None:
+            metrics["audit_canaries_in_round"] = canaries_in
         return new_arrays, metrics
 
     def _unclipped_bits(self, replies: list[Message], norms: list[float], clip_norm: float) -> list[float]:
@@ -207,6 +227,7 @@ class CentralDPAggregator:
             "ledger": self.ledger.state_dict(),
             "clip_norm": self.clipping.norm,
             "rng": self._rng.bit_generator.state if not self.secure_rng else None,
+            "audit": self.audit.state_dict() if self.audit is not None else None,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -215,6 +236,8 @@ class CentralDPAggregator:
         self.clipping.norm = float(state["clip_norm"])
         if state.get("rng") is not None:
             self._rng.bit_generator.state = state["rng"]
+        if self.audit is not None and state.get("audit") is not None:
+            self.audit.load_state_dict(state["audit"])
 
     def privacy_report(self) -> dict[str, Any]:
         return self.plan.report(self.ledger, clipping=self.clipping, clip_on=self.clip_on, secure_rng=self.secure_rng)
