@@ -29,3 +29,21 @@ def data_dir() -> Path:
     if d is None or not (d / "fashion-mnist" / "train-images-idx3-ubyte.gz").exists():
         pytest.skip("real data not found: set FEDPRIV_DATA to a folder with fashion-mnist/ (CI uses ../shared/data)")
     return d
+
+
+class FakeGrid:
+    """Enough of a Flower Grid for a strategy's configure_train outside a run: one node."""
+
+    def get_node_ids(self):
+        return [1]
+
+
+@pytest.fixture
+def flower_run_identity():
+    """Flower builds messages only inside a run (a ServerApp sets this); pretend to be in one."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    before = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
+    yield
+    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = before

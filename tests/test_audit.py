@@ -14,6 +14,7 @@ import math
 
 import numpy as np
 import pytest
+from conftest import FakeGrid
 from scipy import integrate, stats
 
 from fedpriv.audit import (
@@ -34,20 +35,7 @@ from fedpriv.updates import to_record
 from strategies import build_aggregator
 
 
-@pytest.fixture(autouse=True)
-def flower_run_identity():
-    """Flower builds messages only inside a run (a ServerApp sets this); pretend to be in one."""
-    from flwr.supercore.task_identity import TaskIdentity
-
-    before = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
-    yield
-    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = before
-
-
-class FakeGrid:
-    def get_node_ids(self):
-        return [1]
+pytestmark = pytest.mark.usefixtures("flower_run_identity")
 
 
 def drive(overrides: str, dim: int, rounds: int, noise_override: float | None = None, stop_after: int | None = None):

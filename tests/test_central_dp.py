@@ -10,6 +10,7 @@ import math
 
 import numpy as np
 import pytest
+from conftest import FakeGrid
 from dp_accounting import dp_event, pld, rdp
 from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
 
@@ -24,22 +25,7 @@ from strategies.central_dp import CentralDPAggregator, ClippingState
 from strategies.factory import build_flower_strategy
 
 
-@pytest.fixture(autouse=True)
-def flower_run_identity():
-    """Flower builds messages only inside a run (a ServerApp sets this); pretend to be in one."""
-    from flwr.supercore.task_identity import TaskIdentity
-
-    before = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
-    yield
-    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = before
-
-
-class FakeGrid:
-    """Enough of a Flower Grid for Flower's configure_train: one node."""
-
-    def get_node_ids(self):
-        return [1]
+pytestmark = pytest.mark.usefixtures("flower_run_identity")
 
 
 def reply(arrays: dict[str, np.ndarray], **metrics: float) -> Message:
