@@ -36,24 +36,35 @@ def run_local_update(
     server_round = int(cfg["server-round"])
     device = pick_device(rc.device)
     received = {k: v.detach().cpu().numpy().copy() for k, v in model.state_dict().items()}
-    stats = train(
-        model,
-        data.x_train,
-        data.y_train,
-        epochs=rc.train.local_epochs,
-        batch_size=rc.train.batch_size,
-        lr=rc.train.lr,
-        momentum=rc.train.momentum,
-        weight_decay=rc.train.weight_decay,
-        proximal_mu=rc.strategy.proximal_mu if rc.strategy.name == "fedprox" else 0.0,
-        generator=training_generator(rc.seed, server_round, data.client_id),
-        device=device,
-    )
-    metrics: dict[str, Any] = {
-        "num-examples": float(len(data.x_train)),
-        "train_loss": stats["train_loss"],
-    }
-    trained = {k: v.detach().cpu().numpy() for k, v in model.state_dict().items()}
+    metrics: dict[str, Any]
+    if rc.privacy.mode in ("local", "central_local"):
+        # Example-level DP-SGD; the client's ledger lives in context.state (clients/dp_sgd.py).
+        from clients.dp_sgd import dp_sgd_round
+
+        dp_model, metrics = dp_sgd_round(rc, data, model, context.state, server_round=server_round, device=device)
+        if dp_model is None:  # declined (over budget): the received model goes back unchanged
+            trained = {k: v.copy() for k, v in received.items()}
+        else:  # the plain module's arrays (no Opacus "_module." prefix)
+            trained = {k: v.detach().cpu().numpy() for k, v in dp_model.state_dict().items()}
+    else:
+        stats = train(
+            model,
+            data.x_train,
+            data.y_train,
+            epochs=rc.train.local_epochs,
+            batch_size=rc.train.batch_size,
+            lr=rc.train.lr,
+            momentum=rc.train.momentum,
+            weight_decay=rc.train.weight_decay,
+            proximal_mu=rc.strategy.proximal_mu if rc.strategy.name == "fedprox" else 0.0,
+            generator=training_generator(rc.seed, server_round, data.client_id),
+            device=device,
+        )
+        metrics = {
+            "num-examples": float(len(data.x_train)),
+            "train_loss": stats["train_loss"],
+        }
+        trained = {k: v.detach().cpu().numpy() for k, v in model.state_dict().items()}
     if "clip-norm" in cfg:
         trained, metrics["unclipped"] = clip_update_on_client(received, trained, float(cfg["clip-norm"]))
     return updates.to_record(trained), metrics

@@ -19,8 +19,10 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
 from clients.training import evaluate
+from fedpriv.audit import attach_audit
 from fedpriv.checkpoint import load_checkpoint, save_checkpoint
 from fedpriv.config import ConfigError, RunConfig, to_dict
+from fedpriv.local_privacy import LocalPrivacyMonitor
 from fedpriv.sampling import ClientSampler
 from fedpriv.task import dataset_for, encode_config, new_model, pick_device
 from fedpriv.tracking import make_trackers
@@ -136,6 +138,7 @@ def run_federation(grid: Grid, rc: RunConfig) -> dict[str, Any]:
     model = new_model(rc)
     arrays = ArrayRecord(model.state_dict())
     aggregator = build_aggregator(rc)
+    local_monitor = LocalPrivacyMonitor(rc)  # clients' own DP-SGD ledgers (privacy local / central_local)
     evaluator = CentralEvaluator(rc)
     task = encode_config(rc)
 
@@ -216,6 +219,7 @@ def run_federation(grid: Grid, rc: RunConfig) -> dict[str, Any]:
             "client_updates_per_second": len(trained) / round_seconds if round_seconds > 0 else 0.0,
         }
         record.update(agg_metrics)
+        local_monitor.observe_round(rnd, ok, record)  # trained and declined replies
         trackers.log_round(record)
         history.append(record)
         rounds_done = rnd
@@ -251,7 +255,8 @@ def run_federation(grid: Grid, rc: RunConfig) -> dict[str, Any]:
         "strategy": rc.strategy.name,
         "privacy": rc.privacy.mode,
     }
-    report = aggregator.privacy_report()
+    report = local_monitor.extend_report(aggregator.privacy_report())  # + the "local" section
+    report = attach_audit(report, aggregator)  # + the canary audit section, audit_* and privacy_bug keys (issue 7)
     if report is not None:
         summary.update(report.get("summary", {}))
         (run_dir / "privacy.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
