@@ -68,6 +68,17 @@ def _train_message(node_id: int, client_id: int, server_round: int, arrays: Arra
     )
 
 
+def virtual_client_waves(cohort: list[int], nodes: list[int]) -> list[list[tuple[int, int]]]:
+    """(node, client) pairs in waves: client c is always served by node ``nodes[c % len(nodes)]``
+    (its ``context.state``, where a DP-SGD client keeps its ledger, lives on that node), and no
+    node gets two clients in one wave (Flower keeps one context per node)."""
+    by_node: dict[int, list[int]] = {}
+    for c in cohort:
+        by_node.setdefault(nodes[c % len(nodes)], []).append(c)
+    depth = max((len(cs) for cs in by_node.values()), default=0)
+    return [[(n, cs[i]) for n, cs in by_node.items() if i < len(cs)] for i in range(depth)]
+
+
 def dispatch_round(
     grid: Grid,
     cohort: list[int],
@@ -89,7 +100,7 @@ def dispatch_round(
     if node_for is not None:  # one client per node (deployment)
         waves = [[(node_for[c], c) for c in cohort]]
     else:
-        waves = [list(zip(nodes, cohort[i : i + len(nodes)])) for i in range(0, len(cohort), len(nodes))]
+        waves = virtual_client_waves(cohort, nodes)
     deadline = time.monotonic() + timeout
     for wave in waves:
         remaining = max(deadline - time.monotonic(), 1.0)

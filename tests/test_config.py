@@ -75,3 +75,17 @@ def test_simulated_nodes_do_not_grow_with_clients():
     assert num_simulated_nodes(rc) < 100
     rc = compose_config("num_clients=10 clients_per_round=10 sampling=all")
     assert num_simulated_nodes(rc) == 10
+
+
+def test_a_virtual_client_always_goes_to_the_same_node_and_nodes_serve_one_client_per_wave():
+    from fedpriv.federation import virtual_client_waves
+
+    nodes = [101, 102, 103]
+    seen: dict[int, int] = {}
+    for cohort in ([0, 1, 2, 3, 4, 5, 6], [1, 4, 7], [3, 6, 9, 12, 2]):
+        waves = virtual_client_waves(cohort, nodes)
+        assert sorted(c for w in waves for _, c in w) == sorted(cohort)
+        for wave in waves:
+            assert len({n for n, _ in wave}) == len(wave)  # no node twice in a wave
+            for n, c in wave:
+                assert seen.setdefault(c, n) == n  # same node every round
