@@ -45,6 +45,8 @@ def quiet_libraries() -> None:
     import logging
     import warnings
 
+    import flwr.common.logger  # noqa: F401  (its import sets the "flwr" logger to DEBUG: import it first)
+
     logging.getLogger("flwr").setLevel(logging.ERROR)
     logging.getLogger("alembic").setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", category=FutureWarning, module="ray")

@@ -2,9 +2,19 @@
 
 from __future__ import annotations
 
+import logging
+
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedAvgM, FedProx, Strategy
 
 from fedpriv.config import RunConfig
+
+
+def _not_evaluation_skipped(record: logging.LogRecord) -> bool:
+    """fedpriv evaluates centrally by design; Flower's notice that it skips federated evaluation is noise."""
+    return "Federated evaluation will be skipped" not in str(record.msg)
+
+
+logging.getLogger("flwr").addFilter(_not_evaluation_skipped)
 
 
 def build_flower_strategy(rc: RunConfig) -> Strategy:
