@@ -19,6 +19,7 @@ import html
 import json
 import math
 import os
+import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,6 +40,11 @@ class Run:
     rounds: list[dict[str, Any]] = field(default_factory=list)
     summary: dict[str, Any] = field(default_factory=dict)
     label: str = ""
+
+    @property
+    def finished(self) -> bool:
+        """A run that wrote its summary (completed, or stopped by its budget); else killed or running."""
+        return bool(self.summary)
 
     @property
     def privacy_mode(self) -> str:
@@ -188,6 +194,8 @@ def find_runs(paths: Sequence[str | Path]) -> tuple[list[Run], list[str]]:
 
 
 def _label(runs: list[Run]) -> None:
+    """Name each run by the config values that set it apart (``privacy.target_epsilon=4``), else by
+    its folder relative to the runs' common parent."""
     if not runs:
         return
     paths = [r.path.resolve() for r in runs]
@@ -197,6 +205,29 @@ def _label(runs: list[Run]) -> None:
         run.label = (rel or p.name) + (" [wandb]" if run.source == "wandb-offline" else "")
     if len(runs) == 1:
         runs[0].label = runs[0].path.resolve().name + (" [wandb]" if runs[0].source == "wandb-offline" else "")
+        return
+    keys = differing_keys(runs)
+    if keys and all(r.config for r in runs):
+        by_keys = [",".join(f"{k}={_cell(r.config.get(k))}" for k in keys) for r in runs]
+        if len(set(by_keys)) == len(runs) and max(map(len, by_keys)) <= 60:
+            for run, text in zip(runs, by_keys):
+                run.label = text + (" [wandb]" if run.source == "wandb-offline" else "")
+    for run in runs:
+        if not run.finished:
+            run.label += "(unfinished)"
+
+
+def natural_key(text: str) -> list[tuple[int, float, str]]:
+    """Sort "10" after "9", and "inf" after every number."""
+    key = []
+    for part in re.split(r"(\d+(?:\.\d+)?(?:e[-+]?\d+)?|inf)", text):
+        if not part:
+            continue
+        try:
+            key.append((0, float(part), ""))
+        except ValueError:
+            key.append((1, 0.0, part))
+    return key
 
 
 # --- table ------------------------------------------------------------------------------------
@@ -401,7 +432,7 @@ def plot_frontier(runs: Sequence[Run], path: Path) -> Path | None:
     points, refs = [], []
     for run in runs:
         acc = run.final_accuracy
-        if acc is None:
+        if acc is None or not run.finished:  # a run cut short is not a point of the frontier
             continue
         eps = run.epsilon if run.epsilon is not None else run.local_epsilon
         if eps is not None and math.isfinite(eps):
@@ -508,7 +539,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not runs:
         print("compare: error: no runs found (a run folder holds summary.json or metrics.jsonl)", file=sys.stderr)
         return 2
-    runs.sort(key=lambda r: r.label)
+    runs.sort(key=lambda r: natural_key(r.label))
     header, rows = table(runs)
     print(format_table(header, rows))
 

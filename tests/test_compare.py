@@ -77,8 +77,9 @@ def test_table_plots_and_html(multirun, tmp_path, capsys):
     # only the keys that differ, plus the outcome columns; run_dir and tracking.* never count
     assert header == ["run", "privacy.mode", "privacy.target_epsilon", "rounds", "final_acc", "epsilon", "wall_s"]
     rows = {line.split()[0]: line.split() for line in table[2:]}
-    assert rows["0_privacy=central"][1:] == ["central", "2", "4", "0.6600", "2", "12.5"]
-    assert rows["1_privacy=none"][1:] == ["none", "-", "4", "0.8500", "none", "12.5"]
+    # each run is named by the values that set it apart, not by its Hydra folder
+    assert rows["privacy.mode=central,privacy.target_epsilon=2"][1:] == ["central", "2", "4", "0.6600", "2", "12.5"]
+    assert rows["privacy.mode=none,privacy.target_epsilon=-"][1:] == ["none", "-", "4", "0.8500", "none", "12.5"]
 
     for name in ("compare_accuracy.png", "compare_epsilon.png", "compare_frontier.png"):
         _check_png(multirun / name)  # --out defaults to the given folder
@@ -105,7 +106,7 @@ def test_runs_found_recursively_and_inf_epsilon(multirun, tmp_path, capsys):
     out_dir = tmp_path / "plots"
     assert main([str(multirun), "--out", str(out_dir), "--no-plots"]) == 0
     out = capsys.readouterr().out
-    assert re.search(r"2_privacy=central,noise=0\s+central\s+-\s+4\s+0\.8400\s+inf", out)
+    assert re.search(r"privacy\.mode=central,privacy\.target_epsilon=-\s+central\s+-\s+4\s+0\.8400\s+inf", out)
     assert not out_dir.exists() and not (multirun / "compare_accuracy.png").exists()
     # the epsilon = inf run is a reference line, like the non-private one; one finite point remains
     assert plot_frontier(runs, out_dir / "frontier.png") == out_dir / "frontier.png"
@@ -133,3 +134,43 @@ def test_script_runs_from_anywhere(multirun, tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "privacy.target_epsilon" in proc.stdout and "0.8500" in proc.stdout
     assert not (multirun / "compare_accuracy.png").exists()
+
+
+def test_unfinished_run_is_marked_and_left_off_the_frontier(multirun, tmp_path):
+    """A run killed (or still running) has metrics but no summary: the table says so, the frontier skips it."""
+    cut = multirun / "2_privacy=central"
+    _write_run(cut, "central", 8.0, [0.30, 0.45], [1.0, 2.0])
+    (cut / "summary.json").unlink()
+    runs, _ = find_runs([multirun])
+    labels = {r.path.name: r.label for r in runs}
+    assert labels["2_privacy=central"].endswith("(unfinished)")
+    assert not labels["0_privacy=central"].endswith("(unfinished)")
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    drawn: list[str] = []
+    import matplotlib.axes
+
+    original = matplotlib.axes.Axes.scatter
+
+    def spy(self, *args, **kwargs):
+        drawn.append(kwargs.get("label", ""))
+        return original(self, *args, **kwargs)
+
+    matplotlib.axes.Axes.scatter = spy
+    try:
+        plot_frontier(runs, tmp_path / "frontier.png")
+    finally:
+        matplotlib.axes.Axes.scatter = original
+    assert drawn == [labels["0_privacy=central"]]  # the finished private run only
+
+
+def test_runs_sorted_naturally(tmp_path, capsys):
+    root = tmp_path / "multirun"
+    for n, eps in enumerate([10.0, 2.0, float("inf")]):
+        _write_run(root / f"{n}_eps={eps}", "central", eps, [0.5, 0.6], [0.1, 0.2])
+    assert main([str(root), "--no-plots"]) == 0
+    table = capsys.readouterr().out.strip().splitlines()
+    assert [line.split()[0] for line in table[2:]] == [
+        "privacy.target_epsilon=2", "privacy.target_epsilon=10", "privacy.target_epsilon=inf"]
