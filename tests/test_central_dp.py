@@ -167,6 +167,20 @@ def test_ledger_of_a_run_matches_dp_accounting_and_the_budget_stops_the_run():
         agg.begin_round(4, to_record(base), FakeGrid())
 
 
+def test_target_epsilon_inf_clips_without_noise_and_reports_no_guarantee():
+    """The reference point of an epsilon sweep: clipped, unweighted, not noised; epsilon inf, said so."""
+    agg = make_agg("num_clients=40 clients_per_round=4 num_rounds=3 privacy=central privacy.target_epsilon=inf privacy.clip_norm=1.0")
+    base = model_arrays(3)
+    big = {"w": np.array([30.0, 40.0, 0.0], np.float32), "b": np.zeros(8, np.float32)}  # norm 50 -> scaled to 1
+    agg.begin_round(1, to_record(base), FakeGrid())
+    new, metrics = agg.aggregate(1, to_record(base), [reply(big)])
+    np.testing.assert_allclose(new["w"].numpy(), [0.6 / 4, 0.8 / 4, 0.0], atol=1e-6)  # no noise at all
+    assert metrics["noise_multiplier"] == 0.0 and math.isinf(metrics["epsilon"])
+    report = agg.privacy_report()
+    assert math.isinf(report["summary"]["epsilon"])
+    assert any("NOT noised" in c for c in report["caveats"])
+
+
 def test_calibrated_target_is_reached_within_one_percent():
     rc = compose_config("num_clients=1000 clients_per_round=100 num_rounds=20 privacy=central privacy.target_epsilon=4")
     agg = build_aggregator(rc)

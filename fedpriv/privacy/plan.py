@@ -234,6 +234,8 @@ def plan_epsilons(plan: NoisePlan) -> list[float]:
     """Epsilon after each round if the run follows the plan (for "planned vs spent")."""
     from .schedules import Phases, planned_epsilons
 
+    if any(z == 0 for z in plan.noise_multipliers):  # target_epsilon=inf: no noise, no guarantee
+        return [math.inf] * len(plan.noise_multipliers)
     schedule = NoiseSchedule(Phases(tuple((1, z) for z in plan.noise_multipliers)), len(plan.noise_multipliers))
     kw = plan.ledger_kwargs()
     return planned_epsilons(
