@@ -80,6 +80,12 @@ def launch(container: dict[str, Any], hydra_config: Any = None) -> float:
     return float(acc) if isinstance(acc, (int, float)) else math.nan
 
 
+def _epsilon_text(value: Any) -> str:
+    """summary.json stores an infinite epsilon as the string "inf" (JSON has no infinity)."""
+    eps = float(value)
+    return "inf (NO privacy guarantee)" if math.isinf(eps) else f"{eps:.3f}"
+
+
 def final_report(summary: dict[str, Any], rc: RunConfig) -> str:
     lines = [
         f"fedpriv: {summary['rounds_completed']}/{summary['rounds_planned']} rounds ({summary['stop_reason']}), "
@@ -87,12 +93,12 @@ def final_report(summary: dict[str, Any], rc: RunConfig) -> str:
     ]
     if "epsilon" in summary:
         lines.append(
-            f"fedpriv: central DP (user-level): epsilon {summary['epsilon']:.3f} at delta {summary['delta']:.2e} "
+            f"fedpriv: central DP (user-level): epsilon {_epsilon_text(summary['epsilon'])} at delta {summary['delta']:.2e} "
             f"over the whole run ({summary.get('accountant', '')}, {summary.get('sampling', '')} sampling)"
         )
     if "local_epsilon_max" in summary:
         lines.append(
-            f"fedpriv: local DP-SGD (example-level): max client epsilon {summary['local_epsilon_max']:.3f} "
+            f"fedpriv: local DP-SGD (example-level): max client epsilon {_epsilon_text(summary['local_epsilon_max'])} "
             f"at delta {summary['local_delta']:.1e}"
         )
     for caveat in summary.get("privacy_caveats", []):

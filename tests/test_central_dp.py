@@ -6,6 +6,7 @@ directly), never against the strategy's own arithmetic.
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -207,3 +208,16 @@ def test_plain_strategy_is_flowers_weighted_average():
     b = {"w": np.array([4.0, 4.0], np.float32), "b": np.zeros(8, np.float32)}
     new, _ = agg.aggregate(1, to_record(base), [reply(a, **{"num-examples": 3.0}), reply(b, **{"num-examples": 1.0})])
     np.testing.assert_allclose(new["w"].numpy(), [1.75, 1.75])
+
+
+def test_final_report_of_an_unnoised_run_says_there_is_no_guarantee():
+    """summary.json holds epsilon inf as the string "inf"; the last lines of the run must still print."""
+    from fedpriv.launch import final_report
+
+    rc = compose_config("privacy=central privacy.target_epsilon=inf run_dir=/tmp/x")
+    summary = json.loads(json.dumps({"rounds_completed": 2, "rounds_planned": 2, "stop_reason": "completed", "final_accuracy": 0.5,
+                                     "wall_seconds": 1.0, "epsilon": "inf", "delta": 1e-5, "accountant": "pld", "sampling": "poisson"}))
+    text = final_report(summary, rc)
+    assert "epsilon inf (NO privacy guarantee) at delta 1.00e-05" in text
+    summary["epsilon"] = 7.9591
+    assert "epsilon 7.959 at delta" in final_report(summary, rc)
