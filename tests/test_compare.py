@@ -136,7 +136,7 @@ def test_script_runs_from_anywhere(multirun, tmp_path):
     assert not (multirun / "compare_accuracy.png").exists()
 
 
-def test_unfinished_run_is_marked_and_left_off_the_frontier(multirun, tmp_path):
+def test_unfinished_run_is_marked_and_left_off_the_frontier(multirun, tmp_path, monkeypatch):
     """A run killed (or still running) has metrics but no summary: the table says so, the frontier skips it."""
     cut = multirun / "2_privacy=central"
     _write_run(cut, "central", 8.0, [0.30, 0.45], [1.0, 2.0])
@@ -149,20 +149,17 @@ def test_unfinished_run_is_marked_and_left_off_the_frontier(multirun, tmp_path):
     import matplotlib
 
     matplotlib.use("Agg")
-    drawn: list[str] = []
     import matplotlib.axes
 
+    drawn: list[str] = []
     original = matplotlib.axes.Axes.scatter
 
     def spy(self, *args, **kwargs):
         drawn.append(kwargs.get("label", ""))
         return original(self, *args, **kwargs)
 
-    matplotlib.axes.Axes.scatter = spy
-    try:
-        plot_frontier(runs, tmp_path / "frontier.png")
-    finally:
-        matplotlib.axes.Axes.scatter = original
+    monkeypatch.setattr(matplotlib.axes.Axes, "scatter", spy)
+    plot_frontier(runs, tmp_path / "frontier.png")
     assert drawn == [labels["0_privacy=central"]]  # the finished private run only
 
 
