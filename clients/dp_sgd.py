@@ -1,15 +1,20 @@
 """Example-level DP-SGD on one client (Opacus), and the client's own privacy ledger.
 
-Privacy unit: one training example of this client. Every DP-SGD step is a Poisson-subsampled
-Gaussian mechanism over the client's ``n`` training rows: each row joins the step's batch
-independently with rate ``q``, its gradient is clipped to ``max_grad_norm`` and Gaussian noise of
-std ``z * max_grad_norm`` is added to the sum. The client composes every step it ever took in a
-:class:`~fedpriv.privacy.PrivacyLedger` kept in Flower's ``context.state`` under
-``ledger/<client_id>`` (one ledger per client, also when one simulated node acts for many virtual
-clients; ``context.state`` belongs to a Flower node, so a virtual client's ledger is complete only
-if the same node serves it every round: the server checks this, see :mod:`fedpriv.local_privacy`).
-Only rounds the client trained in are recorded; a round whose release would take the ledger past
-``privacy.local.target_epsilon`` is declined before any data is touched.
+Privacy unit: one training example of this client, under the **zero-out** (replace-by-null)
+neighbouring relation: two data sets are neighbours when one example is replaced by a null
+example that contributes a zero gradient. The client's row count ``n`` is public (it sets the
+sampling rate ``q``, the step count and the ``num-examples`` the reply carries), so the figure is
+*not* an add/remove-one guarantee, which would have to hide ``n``. Every DP-SGD step is a
+Poisson-subsampled Gaussian mechanism over the client's ``n`` rows: each row joins the step's
+batch independently with rate ``q``, its gradient is clipped to ``max_grad_norm`` and Gaussian
+noise of std ``z * max_grad_norm`` is added to the sum (the same accounting as add/remove-one of
+a Poisson-sampled row, which is what zero-out reduces to). The client composes every step it
+ever took in a :class:`~fedpriv.privacy.PrivacyLedger` kept in its own
+:class:`~fedpriv.client_state.ClientStateStore` under its stable key
+(:mod:`clients.identity`), written before the reply leaves it, so the ledger survives any
+restart of the client, the node or the server. Only rounds the client trained in are recorded;
+a round whose release would take the ledger past ``privacy.local.target_epsilon`` is declined
+before any data is touched.
 
 Sampling (mirrors Opacus's ``DPDataLoader.from_data_loader``): ``q = 1 / ceil(n / batch_size)``
 (``= batch_size / n`` when ``batch_size`` divides ``n``, slightly less otherwise) and
@@ -40,6 +45,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from fedpriv.client_state import ClientStateStore
 from fedpriv.config import LocalPrivacyConfig, RunConfig
 from fedpriv.privacy import schedules
 from fedpriv.privacy.ledger import PrivacyLedger
@@ -48,8 +54,8 @@ from fedpriv.privacy.plan import schedule_shape
 log = logging.getLogger("fedpriv.client.dp_sgd")
 
 GRAD_SAMPLE_MODES = ("hooks", "functorch", "ew", "ghost")
-STATE_PREFIX = "ledger/"
-_STATE_VERSION = 1
+STATE_PREFIX = "ledger-"
+_STATE_VERSION = 2
 
 
 class DPSGDError(RuntimeError):
@@ -379,9 +385,13 @@ def noise_plan(rc: RunConfig, plan: SamplingPlan) -> tuple[float, ...]:
 
 @dataclass
 class ClientLedger:
-    """One client's DP-SGD history: the ledger and what the report needs."""
+    """One client's DP-SGD history: the ledger and what the report needs.
 
-    client_id: int
+    Kept in the client's own :class:`~fedpriv.client_state.ClientStateStore` under its stable
+    key (:func:`clients.identity.client_key`), never in the server's hands.
+    """
+
+    client_key: str
     ledger: PrivacyLedger
     rounds: int = 0  # rounds trained (declined rounds are not counted: nothing was released)
     steps: int = 0
@@ -393,8 +403,8 @@ class ClientLedger:
     def to_record(self) -> dict[str, Any]:
         return {
             "version": _STATE_VERSION,
-            "client_id": int(self.client_id),
-            "ledger": json.dumps(self.ledger.state_dict(), sort_keys=True),
+            "client_key": self.client_key,
+            "ledger": self.ledger.state_dict(),
             "rounds": int(self.rounds),
             "steps": int(self.steps),
             "declined": int(self.declined),
@@ -404,30 +414,28 @@ class ClientLedger:
         }
 
     @classmethod
-    def from_record(cls, rec: Any) -> "ClientLedger":
-        if int(rec["version"]) != _STATE_VERSION:
-            raise DPSGDError(f"unsupported client ledger version {rec['version']!r}")
-        return cls(int(rec["client_id"]), PrivacyLedger.from_state_dict(json.loads(str(rec["ledger"]))),
+    def from_record(cls, rec: dict[str, Any]) -> "ClientLedger":
+        if int(rec.get("version", -1)) != _STATE_VERSION:
+            raise DPSGDError(f"unsupported client ledger version {rec.get('version')!r}")
+        return cls(str(rec["client_key"]), PrivacyLedger.from_state_dict(rec["ledger"]),
                    int(rec["rounds"]), int(rec["steps"]), int(rec["declined"]), int(rec["last_round"]),
                    str(rec["plan_key"]), tuple(float(z) for z in rec["plan"]))
 
 
-def state_key(client_id: int) -> str:
-    return f"{STATE_PREFIX}{int(client_id)}"
+def load_client_ledger(store: ClientStateStore, client_key: str) -> ClientLedger:
+    """The client's ledger from its own store (a fresh one on its first round)."""
+    record = store.load(STATE_PREFIX + client_key)
+    if record is None:
+        return ClientLedger(client_key, PrivacyLedger())
+    book = ClientLedger.from_record(record)
+    if book.client_key != client_key:
+        raise DPSGDError(f"client state for {client_key!r} holds the ledger of {book.client_key!r}")
+    return book
 
 
-def load_client_ledger(state: Any, client_id: int) -> ClientLedger:
-    """The client's ledger from ``context.state`` (a fresh one on its first round)."""
-    key = state_key(client_id)
-    if key in state:
-        return ClientLedger.from_record(state[key])
-    return ClientLedger(int(client_id), PrivacyLedger())
-
-
-def save_client_ledger(state: Any, book: ClientLedger) -> None:
-    from flwr.app import ConfigRecord
-
-    state[state_key(book.client_id)] = ConfigRecord(book.to_record())
+def save_client_ledger(store: ClientStateStore, book: ClientLedger) -> None:
+    """Durably, before anything the round produced leaves the client."""
+    store.save(STATE_PREFIX + book.client_key, book.to_record())
 
 
 # ------------------------------------------------------------------------------ one client's round
@@ -442,12 +450,19 @@ def _seeds(rc: RunConfig, server_round: int, client_id: int) -> tuple[int | None
 
 
 def dp_sgd_round(
-    rc: RunConfig, data: Any, model: nn.Module, state: Any, *, server_round: int, device: str = "cpu"
+    rc: RunConfig, data: Any, model: nn.Module, store: ClientStateStore, *, client_key: str, server_round: int,
+    device: str = "cpu",
 ) -> tuple[nn.Module | None, dict[str, float]]:
-    """One client's DP-SGD round with its ledger in ``state`` (``context.state``).
+    """One client's DP-SGD round with its ledger in its own ``store``, under ``client_key``.
 
     Returns (trained plain model, metrics), or (None, metrics with ``declined=1.0``) when the
     round would take the client past its budget: then nothing is trained and nothing recorded.
+
+    What the metrics carry is what the guarantee covers: the client's row count (public under
+    the zero-out relation the epsilon holds under) and figures computed from it and from the
+    client's own ledger (epsilon, steps, noise multiplier, sampling rate, rounds, declined),
+    none of which depends on the values of its examples. No training loss: it is a raw function
+    of the data.
     """
     lo: LocalPrivacyConfig = rc.privacy.local
     t = rc.train
@@ -460,13 +475,13 @@ def dp_sgd_round(
         raise DPSGDError("the model Opacus can train (after ModuleValidator.fix) has other arrays than the "
                          "global model, so the server could not aggregate it: build the global model "
                          "Opacus-compatible (GroupNorm instead of BatchNorm)")
-    book = load_client_ledger(state, client_id)
+    book = load_client_ledger(store, client_key)
     key = noise_plan_key(rc, plan)
     if book.plan_key != key or not book.plan:  # calibrate once; kept with the ledger (deployment
         book.plan_key, book.plan = key, noise_plan(rc, plan)  # starts a new process per message)
     z = book.plan[min(book.rounds, len(book.plan) - 1)]
     if lo.delta >= 1.0 / plan.n:
-        log.warning("client %d: privacy.local.delta=%g is not below 1/n = 1/%d", client_id, lo.delta, plan.n)
+        log.warning("client %s: privacy.local.delta=%g is not below 1/n = 1/%d", client_key, lo.delta, plan.n)
 
     accountant = rc.privacy.accountant
     next_ledger = book.ledger.copy()
@@ -474,20 +489,18 @@ def dp_sgd_round(
     eps_next = next_ledger.epsilon(lo.delta, accountant)
     metrics = {
         "num-examples": float(plan.n),
-        "train_loss": float("nan"),
         "local_epsilon": float(book.ledger.epsilon(lo.delta, accountant)),
         "local_steps": 0.0,
         "local_noise_multiplier": float(z),
         "local_sample_rate": float(plan.sample_rate),
         "local_rounds": float(book.rounds),
-        "local_client_id": float(client_id),
         "declined": 1.0,
     }
     if lo.target_epsilon is not None and eps_next > lo.target_epsilon:
         book.declined += 1
-        save_client_ledger(state, book)
-        log.info("client %d declines round %d: epsilon would reach %.3f > budget %.3f",
-                 client_id, server_round, eps_next, lo.target_epsilon)
+        save_client_ledger(store, book)
+        log.info("client %s declines round %d: epsilon would reach %.3f > budget %.3f",
+                 client_key, server_round, eps_next, lo.target_epsilon)
         return None, metrics
 
     sampling_seed, noise_seed = _seeds(rc, server_round, client_id)
@@ -505,9 +518,8 @@ def dp_sgd_round(
     book.rounds += 1
     book.steps += plan.steps
     book.last_round = int(server_round)
-    save_client_ledger(state, book)
+    save_client_ledger(store, book)
     metrics.update({
-        "train_loss": float(result.train_loss),
         "local_epsilon": float(eps_next),
         "local_steps": float(result.steps),
         "local_rounds": float(book.rounds),

@@ -9,11 +9,13 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Context
+from flwr.app import ArrayRecord, ConfigRecord
 from torch import nn
 
+from clients.dp_sgd import dp_sgd_round
 from clients.training import train
 from fedpriv import updates
+from fedpriv.client_state import ClientStateStore
 from fedpriv.config import RunConfig
 from fedpriv.task import ClientData, pick_device, training_generator
 
@@ -31,17 +33,25 @@ def clip_update_on_client(received: dict[str, np.ndarray], trained: dict[str, np
 
 
 def run_local_update(
-    rc: RunConfig, cfg: ConfigRecord, data: ClientData, model: nn.Module, context: Context
+    rc: RunConfig, cfg: ConfigRecord, data: ClientData, model: nn.Module, store: ClientStateStore, client_key: str
 ) -> tuple[ArrayRecord, dict[str, Any]]:
+    """Train one round; returns the arrays and the metrics the reply carries.
+
+    Args (privacy meaning):
+        store: the client's own persistent state (its DP-SGD ledger lives there).
+        client_key: the client's stable identity, the key of its ledger.
+    Under local DP the metrics hold only figures the guarantee covers (see
+    :func:`clients.dp_sgd.dp_sgd_round`); otherwise they add the raw training loss, which only
+    the trusted server sees (it is an operator-only diagnostic under central DP).
+    """
     server_round = int(cfg["server-round"])
     device = pick_device(rc.device)
     received = {k: v.detach().cpu().numpy().copy() for k, v in model.state_dict().items()}
     metrics: dict[str, Any]
     if rc.privacy.mode in ("local", "central_local"):
-        # Example-level DP-SGD; the client's ledger lives in context.state (clients/dp_sgd.py).
-        from clients.dp_sgd import dp_sgd_round
-
-        dp_model, metrics = dp_sgd_round(rc, data, model, context.state, server_round=server_round, device=device)
+        # Example-level DP-SGD; the client's ledger lives in its own store (clients/dp_sgd.py).
+        dp_model, metrics = dp_sgd_round(rc, data, model, store, client_key=client_key, server_round=server_round,
+                                         device=device)
         if dp_model is None:  # declined (over budget): the received model goes back unchanged
             trained = {k: v.copy() for k, v in received.items()}
         else:  # the plain module's arrays (no Opacus "_module." prefix)

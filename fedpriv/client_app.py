@@ -15,8 +15,12 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from clients.training import evaluate, train
-from fedpriv.task import EmptyPartition, decode_config, load_client_data, new_model, pick_device, training_generator
+from clients.identity import client_key
+from clients.local_update import run_local_update
+from clients.training import evaluate
+from fedpriv.client_state import ClientStateStore, node_state_dir
+from fedpriv.config import RunConfig
+from fedpriv.task import EmptyPartition, decode_config, load_client_data, new_model, pick_device
 
 log = logging.getLogger("fedpriv.client")
 app = ClientApp()
@@ -40,14 +44,25 @@ def _setup(msg: Message, context: Context):
     return rc, cfg, data, model
 
 
+def client_store(rc: RunConfig, cfg: ConfigRecord, node_config: dict) -> ClientStateStore:
+    """The client's own state folder: the simulated clients' disk the server names in simulation,
+    the SuperNode's ``state-dir`` (one sub-folder per run) in deployment."""
+    if rc.client_mode == "virtual":
+        return ClientStateStore(str(cfg["client-state-dir"]))
+    return ClientStateStore(node_state_dir(node_config, str(cfg["run-id"])))
+
+
 @app.train()
 def train_handler(msg: Message, context: Context) -> Message:
     try:
         rc, cfg, data, model = _setup(msg, context)
-        from clients.local_update import run_local_update
-
-        arrays, metrics = run_local_update(rc, cfg, data, model, context)
-        return Message(RecordDict({"arrays": arrays, "metrics": MetricRecord(metrics)}), reply_to=msg)
+        node_config = dict(context.node_config)
+        key = client_key(rc.client_mode, int(cfg["client-id"]), node_config)
+        arrays, metrics = run_local_update(rc, cfg, data, model, client_store(rc, cfg, node_config), key)
+        content = RecordDict({"arrays": arrays, "metrics": MetricRecord(metrics)})
+        if rc.privacy.mode in ("local", "central_local"):  # who reports this ledger (the server's table)
+            content["client"] = ConfigRecord({"key": key})
+        return Message(content, reply_to=msg)
     except EmptyPartition as exc:
         return _error_reply(msg, ERROR_EMPTY, f"empty: {exc}")
     except Exception as exc:  # noqa: BLE001 - any client fault is reported, never raised into the engine

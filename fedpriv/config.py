@@ -118,6 +118,7 @@ class PrivacyConfig:
     clip_lr: float = 0.2  # adaptive: geometric learning rate of the norm
     clipped_count_stddev: Optional[float] = None  # adaptive: None -> expected cohort / 20
     secure_rng: bool = True  # False: seeded noise, reproducible, NOT for release
+    noise_sampler: str = "numpy"  # numpy (fast) | opendp (CSPRNG, floating-point safe: for a release)
     noise_cohort_size: Optional[int] = None  # calibrate noise for a larger cohort than simulated
     accountant: str = "pld"  # pld (reported) | rdp
     local: LocalPrivacyConfig = field(default_factory=LocalPrivacyConfig)
@@ -146,6 +147,7 @@ class TrackingConfig:
     mode: str = "auto"  # auto | online | offline | disabled
     log_model: bool = False
     progress: bool = True  # a progress bar over rounds; False for quiet CI logs
+    operator_diagnostics: bool = False  # also send raw, operator-only diagnostics to wandb (not covered by DP)
 
 
 @dataclass
@@ -290,6 +292,12 @@ def check_config(rc: RunConfig) -> None:
     _one_of(pr.clip_on, ("server", "client"), "privacy.clip_on")
     _one_of(pr.clipping, ("fixed", "adaptive"), "privacy.clipping")
     _one_of(pr.accountant, ("pld", "rdp"), "privacy.accountant")
+    _one_of(pr.noise_sampler, ("numpy", "opendp"), "privacy.noise_sampler")
+    _require(
+        pr.secure_rng or pr.noise_sampler == "numpy",
+        "privacy.noise_sampler",
+        "opendp draws from a CSPRNG and cannot be seeded: it needs privacy.secure_rng=true",
+    )
     _require(pr.clip_norm > 0, "privacy.clip_norm", f"must be > 0, got {pr.clip_norm}")
     _require(
         0 < pr.target_unclipped_quantile < 1,

@@ -500,11 +500,17 @@ def write_connection(flwr_home: Path, name: str, address: str, root_certificates
     return path
 
 
-def node_config_string(index: int, num_nodes: int, data_path: Optional[str] = None) -> str:
-    """``--node-config`` for node ``index``; values are TOML, so a path is quoted."""
-    if data_path is not None:
-        return f"data-path={json.dumps(str(data_path))}"
-    return f"partition-id={index} num-partitions={num_nodes}"
+def node_config_string(index: int, num_nodes: int, data_path: Optional[str] = None,
+                       state_dir: Optional[str] = None) -> str:
+    """``--node-config`` for node ``index``; values are TOML, so a path is quoted.
+
+    ``state-dir`` is where the client keeps its own DP-SGD ledger (one sub-folder per run); a
+    restarted SuperNode with the same ``state-dir`` continues it (default ``~/.fedpriv/client-state``).
+    """
+    cfg = f"data-path={json.dumps(str(data_path))}" if data_path is not None else f"partition-id={index} num-partitions={num_nodes}"
+    if state_dir is not None:
+        cfg += f" state-dir={json.dumps(str(state_dir))}"
+    return cfg
 
 
 @dataclass
@@ -661,13 +667,14 @@ def start_federation(
         for i in range(num_nodes):
             name = f"node-{i}"
             data_path = str(Path(data_paths[i]).resolve()) if data_paths else None
-            cfg = node_config_string(i, num_nodes, data_path)
+            state_dir = str(session / "nodes" / name / "client-state")  # the node's own ledger, kept across restarts
+            cfg = node_config_string(i, num_nodes, data_path, state_dir)
             if ("no-data", i) in kinds:
                 cfg = ""
             if ("bad-data", i) in kinds:
                 bad = session / f"{name}-unreadable.npz"
                 bad.write_bytes(b"this is not an npz file\n")
-                cfg = node_config_string(i, num_nodes, str(bad))
+                cfg = node_config_string(i, num_nodes, str(bad), state_dir)
             fed.node_configs.append(cfg)
             fed.node_ids.append(None)
             args = ["--insecure"]
@@ -980,9 +987,17 @@ def run_app(
         rd = Path(result.run_dir)
         if (rd / "summary.json").exists():
             result.summary = json.loads((rd / "summary.json").read_text())
-        if (rd / "metrics.jsonl").exists():
-            result.rounds = [json.loads(ln) for ln in (rd / "metrics.jsonl").read_text().splitlines() if ln.strip()]
+        result.rounds = operator_view(rd)
     return result
+
+
+def operator_view(run_dir: Path) -> list[dict[str, Any]]:
+    """Each round's published figures with its operator-only diagnostics (this launcher is the
+    operator's tool: counts of replies and failures, round times)."""
+    from fedpriv import run_folder
+
+    raw = {int(r["round"]): r for r in run_folder.read_jsonl(run_dir / run_folder.DIAGNOSTICS)}
+    return [{**r, **raw.get(int(r["round"]), {})} for r in run_folder.read_metrics(run_dir)]
 
 
 def _schedule_kill(fed: Federation, fault: Fault, expected: set[str], echo: Echo) -> None:

@@ -6,11 +6,11 @@ population differs (``client_mode``): virtual clients served by any node, or one
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -20,19 +20,17 @@ from flwr.serverapp import Grid
 
 from clients.training import evaluate
 from fedpriv.audit import attach_audit
-from fedpriv.checkpoint import load_checkpoint, save_checkpoint
-from fedpriv.config import ConfigError, RunConfig, to_dict
+from fedpriv import run_folder, updates
+from fedpriv.config import RunConfig, to_dict
 from fedpriv.local_privacy import LocalPrivacyMonitor
+from fedpriv.privacy.disclosure import annotate_report, published_round_keys, split_round
+from fedpriv.run_folder import check_run_folder
 from fedpriv.sampling import ClientSampler
 from fedpriv.task import dataset_for, encode_config, new_model, pick_device
 from fedpriv.tracking import make_trackers
-from fedpriv.tracking.local import read_metrics
 from strategies import build_aggregator
 
 log = logging.getLogger("fedpriv")
-
-# Keys whose change does not change what a resumed run computes.
-_RESUME_FREE_KEYS = ("resume", "run_dir", "tracking", "round_timeout", "placement")
 
 
 class StopRun(Exception):
@@ -110,20 +108,6 @@ def dispatch_round(
     return replies, sent - len(replies)
 
 
-def _config_diff(saved: dict[str, Any], now: dict[str, Any], prefix: str = "") -> list[str]:
-    diffs = []
-    for key in sorted(set(saved) | set(now)):
-        full = f"{prefix}{key}"
-        if full.split(".")[0] in _RESUME_FREE_KEYS:
-            continue
-        a, b = saved.get(key), now.get(key)
-        if isinstance(a, dict) and isinstance(b, dict):
-            diffs += _config_diff(a, b, full + ".")
-        elif a != b:
-            diffs.append(full)
-    return diffs
-
-
 class CentralEvaluator:
     """Evaluates the global model on the held-out central test split."""
 
@@ -138,11 +122,35 @@ class CentralEvaluator:
         return evaluate(self.model, self.ds.x_test, self.ds.y_test, batch_size=self.batch_size, device=self.device)
 
 
+def _resume_state(checkpoint: dict[str, Any], aggregator: Any, sampler: ClientSampler,
+                  local_monitor: LocalPrivacyMonitor) -> None:
+    aggregator.load_state_dict(checkpoint["aggregator"])
+    sampler.load_state_dict(checkpoint["sampler"])  # a secure sampler saved nothing: it stays OS-seeded
+    local_monitor.load_state_dict(checkpoint.get("local_monitor") or {})
+
+
+def _valid_replies(aggregator: Any, replies: list[Message], global_np: dict[str, Any], rnd: int) -> tuple[list[Message], int]:
+    """The replies that may be aggregated, and how many were rejected (counted as failed)."""
+    valid, rejected = [], 0
+    for m in replies:
+        problem = aggregator.reply_problem(m, global_np)
+        if problem is None:
+            valid.append(m)
+        else:
+            rejected += 1
+            log.warning("round %d: a client's reply was rejected and counted as failed: %s", rnd, problem)
+    return valid, rejected
+
+
 def run_federation(grid: Grid, rc: RunConfig) -> dict[str, Any]:
-    """Run (or resume) a whole federated training; returns the summary it writes."""
-    if rc.run_dir is None:
-        raise ConfigError("config key 'run_dir': the launcher must set the run's output folder")
-    run_dir = Path(rc.run_dir)
+    """Run (or resume) a whole federated training; returns the summary it writes.
+
+    Every round is recorded (checkpoint with the privacy ledgers, written durably) before
+    anything about it is published (metrics, trackers), so no published release is ever
+    missing from the ledger, and a resumed run never releases a recorded round again.
+    """
+    checkpoint = check_run_folder(rc)  # refuses a wrong folder before anything is written
+    run_dir = Path(str(rc.run_dir))
     run_dir.mkdir(parents=True, exist_ok=True)
     wall_start = time.time()
 
@@ -162,31 +170,35 @@ def run_federation(grid: Grid, rc: RunConfig) -> dict[str, Any]:
     sampler = ClientSampler(rc.sampling, rc.num_clients, rc.clients_per_round, sampler_seed(rc))
 
     start_round, elapsed_before = 1, 0.0
-    checkpoint = load_checkpoint(run_dir) if rc.resume else None
-    if rc.resume and checkpoint is None:
-        log.warning("resume=true but %s holds no checkpoint: starting from round 1", run_dir)
+    run_id = uuid.uuid4().hex  # names this run's ledgers in the clients' state folders
     if checkpoint is not None:
-        diffs = _config_diff(checkpoint["config"], to_dict(rc))
-        if diffs:
-            raise ConfigError(f"cannot resume {run_dir}: these keys differ from the saved run: {', '.join(diffs)}")
         arrays = ArrayRecord(checkpoint["arrays"])
-        aggregator.load_state_dict(checkpoint["aggregator"])
-        sampler.load_state_dict(checkpoint["sampler"])
+        _resume_state(checkpoint, aggregator, sampler, local_monitor)
         start_round = int(checkpoint["round"]) + 1
         elapsed_before = float(checkpoint["wall_seconds"])
+        run_id = str(checkpoint.get("run_id") or run_id)
         log.info("resuming %s after round %d", run_dir, checkpoint["round"])
+    base_extra: dict[str, Any] = {"run-id": run_id}
+    if rc.client_mode == "virtual":  # the simulated clients' own disks
+        base_extra["client-state-dir"] = str(run_folder.simulated_client_state_dir(run_dir))
 
     trackers = make_trackers(rc, run_dir)
     trackers.start(to_dict(rc), resumed=checkpoint is not None)
+    history: list[dict[str, Any]] = []
     if checkpoint is not None:
         for t in trackers.trackers:
             if hasattr(t, "truncate_after"):
                 t.truncate_after(start_round - 1)
-    history = read_metrics(run_dir) if checkpoint is not None else []
+        history = run_folder.read_metrics(run_dir)
+        held = checkpoint.get("records")
+        if held and (not history or int(history[-1]["round"]) < int(checkpoint["round"])):
+            trackers.log_round(held["published"], held["operator"])  # recorded, then the run stopped
+            history.append(held["published"])
 
     stop_reason = "completed"
     last_eval = (history[-1]["test_loss"], history[-1]["test_accuracy"]) if history else (math.nan, math.nan)
     rounds_done = start_round - 1
+    operator_keys: set[str] = set()
     for rnd in range(start_round, rc.num_rounds + 1):
         t0 = time.time()
         try:
@@ -203,13 +215,15 @@ def run_federation(grid: Grid, rc: RunConfig) -> dict[str, Any]:
         else:
             cohort = [int(i) for i in sampler.sample()]
             node_for = None
-        replies, missing = dispatch_round(grid, cohort, node_for, nodes, rnd, arrays, task, extra, rc.round_timeout)
+        replies, missing = dispatch_round(grid, cohort, node_for, nodes, rnd, arrays, task, {**base_extra, **extra},
+                                          rc.round_timeout)
         ok = [m for m in replies if not m.has_error()]
         failed = [m for m in replies if m.has_error()]
         for m in failed:
             log.info("round %d: client failed: %s", rnd, m.error.reason)
-        trained = [m for m in ok if float(m.content["metrics"].get("declined", 0.0)) == 0.0]
-        declined = len(ok) - len(trained)
+        willing = [m for m in ok if float(m.content["metrics"].get("declined", 0.0)) == 0.0]
+        declined = len(ok) - len(willing)
+        trained, rejected = _valid_replies(aggregator, willing, updates.from_record(arrays), rnd)
 
         new_arrays, agg_metrics = aggregator.aggregate(rnd, arrays, trained)
         if new_arrays is not None:
@@ -223,34 +237,39 @@ def run_federation(grid: Grid, rc: RunConfig) -> dict[str, Any]:
             "test_loss": last_eval[0],
             "num_clients": len(trained),
             "num_sampled": len(cohort),
-            "num_failed": len(failed),
+            "num_failed": len(failed) + rejected,
             "num_dropped": missing,
             "clients_declined": declined,
             "round_seconds": round_seconds,
             "client_updates_per_second": len(trained) / round_seconds if round_seconds > 0 else 0.0,
         }
         record.update(agg_metrics)
-        local_monitor.observe_round(rnd, ok, record)  # trained and declined replies
-        trackers.log_round(record)
-        history.append(record)
+        local_monitor.observe_round(rnd, ok, record)  # trained, declined and rejected replies: all spent
+        published, operator = split_round(record, rc.privacy.mode, aggregator.covered_metric_keys())
+        operator_keys |= set(operator)
         rounds_done = rnd
-        save_checkpoint(
+        run_folder.save_checkpoint(
             run_dir,
             {
                 "round": rnd,
+                "run_id": run_id,
                 "arrays": arrays.to_torch_state_dict(),
                 "aggregator": aggregator.state_dict(),
                 "sampler": sampler.state_dict(),
+                "local_monitor": local_monitor.state_dict(),
+                "records": {"published": published, "operator": operator},
                 "config": to_dict(rc),
                 "wall_seconds": elapsed_before + time.time() - wall_start,
             },
         )
+        trackers.log_round(published, operator)  # only now: the round is recorded
+        history.append(published)
         if os.environ.get("FEDPRIV_TEST_CRASH_AFTER_ROUND") == str(rnd):  # test-only: an interrupted run
             raise RuntimeError(f"simulated crash after round {rnd}")
 
     final_model = new_model(rc)
     final_model.load_state_dict(arrays.to_torch_state_dict())
-    torch.save(final_model.state_dict(), run_dir / "model.pt")
+    torch.save(final_model.state_dict(), run_dir / run_folder.MODEL)
     summary: dict[str, Any] = {
         "final_accuracy": last_eval[1],
         "final_loss": last_eval[0],
@@ -266,12 +285,15 @@ def run_federation(grid: Grid, rc: RunConfig) -> dict[str, Any]:
         "strategy": rc.strategy.name,
         "privacy": rc.privacy.mode,
     }
-    report = local_monitor.extend_report(aggregator.privacy_report())  # + the "local" section
-    report = attach_audit(report, aggregator)  # + the canary audit section, audit_* and privacy_bug keys (issue 7)
+    report, details = local_monitor.extend_report(aggregator.privacy_report())  # + the "local" section
+    report = attach_audit(report, aggregator)  # + the canary audit section, audit_* and privacy_bug keys
     if report is not None:
+        published_keys = published_round_keys(history)
+        report = annotate_report(report, rc.privacy.mode, published_keys, operator_keys, rc.tracking.operator_diagnostics)
         summary.update(report.get("summary", {}))
-        (run_dir / "privacy.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
+        run_folder.write_json(run_dir / run_folder.PRIVACY, report)
+    if details is not None:
+        run_folder.write_json(run_dir / run_folder.PRIVACY_DETAILS, details)
     trackers.log_summary(summary)
     trackers.finish()
     return summary
-

@@ -21,10 +21,12 @@ class UserError(Exception):
 def preflight(rc: RunConfig) -> None:
     """Checks that need more than the schema: data present and readable, placement, privacy plan."""
     from fedpriv.data import DataError
+    from fedpriv.run_folder import check_run_folder
     from fedpriv.simulation import check_placement
     from fedpriv.task import dataset_for, new_model
     from strategies import build_aggregator
 
+    check_run_folder(rc)  # a wrong resume or a folder holding another run: refused, folder untouched
     check_placement(rc.placement)
     try:
         ds = dataset_for(rc)
@@ -73,7 +75,8 @@ def launch(container: dict[str, Any], hydra_config: Any = None) -> float:
         from fedpriv.tracking.sweep import apply_sweep_context
 
         apply_sweep_context(rc, hydra_config)
-    write_config(rc)
+    if not rc.resume:  # a resumed run keeps the config.yaml it started with
+        write_config(rc)
     summary = run_simulation(rc)
     print(final_report(summary, rc), flush=True)
     acc = summary.get("final_accuracy")
@@ -86,10 +89,15 @@ def _epsilon_text(value: Any) -> str:
     return "inf (NO privacy guarantee)" if math.isinf(eps) else f"{eps:.3f}"
 
 
+def _accuracy_text(value: Any) -> str:
+    """summary.json stores NaN (no round evaluated) as null."""
+    return f"{float(value):.4f}" if isinstance(value, (int, float)) and math.isfinite(value) else "n/a (no round completed)"
+
+
 def final_report(summary: dict[str, Any], rc: RunConfig) -> str:
     lines = [
         f"fedpriv: {summary['rounds_completed']}/{summary['rounds_planned']} rounds ({summary['stop_reason']}), "
-        f"final test accuracy {summary['final_accuracy']:.4f}, {summary['wall_seconds']:.1f} s",
+        f"final test accuracy {_accuracy_text(summary['final_accuracy'])}, {summary['wall_seconds']:.1f} s",
     ]
     if "epsilon" in summary:
         lines.append(
@@ -98,8 +106,16 @@ def final_report(summary: dict[str, Any], rc: RunConfig) -> str:
         )
     if "local_epsilon_max" in summary:
         lines.append(
-            f"fedpriv: local DP-SGD (example-level): max client epsilon {_epsilon_text(summary['local_epsilon_max'])} "
-            f"at delta {summary['local_delta']:.1e}"
+            f"fedpriv: local DP-SGD (example-level, zero-out): max client epsilon "
+            f"{_epsilon_text(summary['local_epsilon_max'])} at delta {summary['local_delta']:.1e}"
+        )
+    elif "local_epsilon_bound" in summary:
+        bound = summary["local_epsilon_bound"]
+        lines.append(
+            "fedpriv: local DP-SGD (example-level, zero-out): "
+            + (f"every client's epsilon at most {_epsilon_text(bound)} (enforced by the client)" if bound is not None
+               else "per-client epsilons in operator_only/privacy_details.json (not published under central DP)")
+            + f" at delta {summary['local_delta']:.1e}"
         )
     for caveat in summary.get("privacy_caveats", []):
         lines.append(f"fedpriv: caveat: {caveat}")

@@ -3,36 +3,46 @@
 Under ``privacy.mode`` local / central_local every client runs DP-SGD and keeps its own ledger
 (:mod:`clients.dp_sgd`); the guarantee is computed and enforced by the client, so the server needs
 no trust for it. Each reply carries the client's epsilon after the round (``local_epsilon``, also on
-a declined round), its id and rounds trained (``local_client_id``, ``local_rounds``), the round's
-DP-SGD steps, noise multiplier and sampling rate. :class:`LocalPrivacyMonitor` collects them into
+a declined round), rounds trained (``local_rounds``), the round's DP-SGD steps, noise multiplier and
+sampling rate, and the client's stable key (a ``client`` record, :mod:`clients.identity`).
+:class:`LocalPrivacyMonitor` collects them into
 
 * per-round metrics ``local_epsilon_max`` / ``local_epsilon_mean`` over every client heard from so
   far (its latest figure): the privacy spent up to that round;
-* summary keys ``local_epsilon_max``, ``local_epsilon_mean``, ``local_delta``;
-* the ``local`` section of ``privacy.json``: the guarantee in words and a per-client table.
+* summary keys and the ``local`` section of ``privacy.json``: the guarantee in words and, where
+  it may be published, a per-client table.
+
+What may be published depends on the run. Under ``privacy=local`` the per-client figures depend
+only on row counts and on which rounds a client took part in, both public under the zero-out
+relation the epsilon holds under, so the table is published. Under ``central_local`` the same
+table would tell who was sampled in which round and how many rows each client holds, which the
+central (user-level) guarantee hides (publishing who was sampled forfeits the amplification by
+sampling): the table, the max and the mean go to the operator-only report, and the published
+section states the bound every client enforces itself (``privacy.local.target_epsilon``).
 
 It also checks what the server can check: that a client's ledger counts at least the rounds the
-server saw it train (a ledger kept on another simulated node, or lost, would under-count; the
-client's figure is then replaced by one recomputed from the releases the server saw), and that
-``privacy.local.delta`` is below ``1/n`` for every client's ``n`` rows.
+server saw it train (a lost ledger would under-count; the client's figure is then replaced by one
+recomputed from the releases the server saw), and that ``privacy.local.delta`` is below ``1/n``
+for every client's ``n`` rows. Its state is checkpointed with the run.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any, Iterable
 
 from fedpriv.config import RunConfig
 
 # Per-reply keys that Flower's metric averaging turns into meaningless averages (declined replies
 # are never aggregated, so "declined" would always average to 0; clients_declined counts them).
-_UNAVERAGEABLE = ("local_client_id", "local_rounds", "local_epsilon", "declined")
+_UNAVERAGEABLE = ("local_rounds", "local_epsilon", "declined", "local_steps", "local_noise_multiplier",
+                  "local_sample_rate")
 
 
 @dataclass
 class ClientEntry:
-    client_id: int
+    client_id: str  # the client's stable key (clients.identity)
     rows: int = 0
     rounds_seen: int = 0  # trained rounds whose reply reached the server
     rounds_reported: int = 0  # rounds in the client's own ledger (its latest reply)
@@ -56,8 +66,21 @@ class LocalPrivacyMonitor:
         self.enabled = rc.privacy.mode in ("local", "central_local")
         self.rc = rc
         self.delta = float(rc.privacy.local.delta)
-        self.clients: dict[int, ClientEntry] = {}
-        self.unattributed = 0  # replies without a client id (should not happen)
+        self.clients: dict[str, ClientEntry] = {}
+        self.unattributed = 0  # replies without a client key (should not happen)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything the table holds, for the run's checkpoint (a resumed run continues it)."""
+        return {"clients": [asdict(e) for e in self.clients.values()], "unattributed": self.unattributed}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.clients = {}
+        for row in state.get("clients", []):
+            row = dict(row)
+            row["noise_multipliers"] = list(row.get("noise_multipliers", []))
+            row["releases"] = [tuple(r) for r in row.get("releases", [])]
+            self.clients[str(row["client_id"])] = ClientEntry(**row)
+        self.unattributed = int(state.get("unattributed", 0))
 
     # ------------------------------------------------------------------ per round
 
@@ -67,18 +90,19 @@ class LocalPrivacyMonitor:
         if not self.enabled:
             return
         for msg in replies:
-            self.observe_metrics(server_round, msg.content["metrics"])
+            client = msg.content["client"] if "client" in msg.content else None
+            self.observe_metrics(server_round, msg.content["metrics"], None if client is None else client.get("key"))
         for key in _UNAVERAGEABLE:
             record.pop(key, None)
         eps = self.epsilons()
         record["local_epsilon_max"] = max(eps) if eps else 0.0
         record["local_epsilon_mean"] = sum(eps) / len(eps) if eps else 0.0
 
-    def observe_metrics(self, server_round: int, metrics: Any) -> None:
-        if "local_client_id" not in metrics or "local_epsilon" not in metrics:
+    def observe_metrics(self, server_round: int, metrics: Any, key: Any) -> None:
+        if key is None or "local_epsilon" not in metrics:
             self.unattributed += 1
             return
-        cid = int(metrics["local_client_id"])
+        cid = str(key)
         e = self.clients.setdefault(cid, ClientEntry(cid))
         e.rows = int(metrics.get("num-examples", e.rows))
         e.epsilon = float(metrics["local_epsilon"])
@@ -110,7 +134,7 @@ class LocalPrivacyMonitor:
         return float(ledger.epsilon(self.delta, self.rc.privacy.accountant))
 
     def section(self) -> dict[str, Any]:
-        """The ``local`` section of privacy.json."""
+        """The full ``local`` section: the guarantee, the figures and the per-client table."""
         lo = self.rc.privacy.local
         caveats: list[str] = []
         rows = []
@@ -121,9 +145,8 @@ class LocalPrivacyMonitor:
                 epsilon = max(epsilon, self._recomputed(e))
                 caveats.append(
                     f"client {cid}'s ledger holds {e.rounds_reported} rounds but the server saw it train "
-                    f"{e.rounds_seen}: its context.state was not kept across rounds (another simulated node "
-                    f"served it, or the node restarted); its epsilon here is recomputed from the releases the "
-                    f"server saw, and its budget stop was not enforced on the missing rounds"
+                    f"{e.rounds_seen}: its state was lost (a wiped state-dir?); its epsilon here is recomputed from "
+                    f"the releases the server saw, and its budget stop was not enforced on the missing rounds"
                 )
             rows.append({
                 "client_id": cid,
@@ -145,14 +168,11 @@ class LocalPrivacyMonitor:
             )
         if not lo.secure_mode:
             caveats.append(
-                "DP-SGD noise and batch sampling come from PyTorch's generator (not a CSPRNG)"
+                "DP-SGD noise and batch sampling come from PyTorch's Mersenne-Twister generator (not a CSPRNG)"
                 + (" seeded from the run's seed (privacy.secure_rng=false): reproducible, NOT for release"
-                   if not self.rc.privacy.secure_rng else " seeded from the OS's entropy")
+                   if not self.rc.privacy.secure_rng else " seeded with 63 bits from Python's secrets module (the OS CSPRNG)")
                 + "; privacy.local.secure_mode=true uses Opacus's CSPRNG (needs torchcsprng)"
             )
-        if self.rc.resume:
-            caveats.append("the run was resumed: clients' ledgers live in their nodes' context.state, which a "
-                           "restarted simulation does not keep, and this table covers only rounds since the restart")
         if self.unattributed:
             caveats.append(f"{self.unattributed} replies carried no local-DP report")
         epsilons = [r["epsilon"] for r in rows]
@@ -161,19 +181,30 @@ class LocalPrivacyMonitor:
             "unit": "example",
             "guarantee": (
                 f"Example-level differential privacy for each client's own data: for every client i and any "
-                f"two versions of its training rows differing by one example (added or removed), everything "
-                f"client i sent to the server over the whole run (its model in each round it trained) is "
-                f"(epsilon_i, {self.delta:g})-DP, epsilon_i being its entry below (at most {eps_max:.3f}). "
-                f"Each client computes and enforces this itself (DP-SGD with Opacus, its own ledger), so it "
-                f"holds without trusting the server. It does not hide whether a client took part or what its "
-                f"data set as a whole looks like (that is user-level DP: privacy.mode=central / central_local)."
+                f"two versions of its training rows that differ in one example replaced by a null example "
+                f"(zero-out: the client's row count is public, it sets the sampling rate, the step count and the "
+                f"num-examples its replies carry), everything client i sent to the server over the whole run (its "
+                f"model in each round it trained, and figures computed from its row count and its ledger) is "
+                f"(epsilon_i, {self.delta:g})-DP. Each client computes and enforces this itself (DP-SGD with Opacus, "
+                f"its own ledger on its own disk, kept across restarts), so it holds without trusting the server. "
+                f"It does not hide whether a client took part, how many rows it has, or what its data set as a whole "
+                f"looks like (that is user-level DP: privacy.mode=central / central_local). Separate runs on the "
+                f"same data compose: their epsilons add up at least."
             ),
             "mechanism": "DP-SGD: per-example gradients clipped to max_grad_norm, Gaussian noise "
                          "noise_multiplier * max_grad_norm on each step's sum, Poisson-sampled batches",
             "accountant": self.rc.privacy.accountant,
-            "neighbouring_relation": "add_or_remove_one (one example of one client)",
+            "neighbouring_relation": "zero_out (one example of one client replaced by a null example; row count public)",
+            "randomness": (
+                "Opacus's CSPRNG for DP-SGD noise and batch sampling (privacy.local.secure_mode=true)" if lo.secure_mode
+                else "PyTorch CPU generators (Mersenne Twister, not a CSPRNG) for DP-SGD noise and Poisson batch "
+                     "sampling, " + ("seeded from the run's seed, round and client: reproducible, NOT for release"
+                                     if not self.rc.privacy.secure_rng else
+                                     "seeded with 63 bits from Python's secrets (the OS CSPRNG) every round")
+            ),
             "delta": self.delta,
             "target_epsilon": lo.target_epsilon,
+            "epsilon_bound": lo.target_epsilon,
             "noise_multiplier": lo.noise_multiplier,
             "epsilon_max": eps_max,
             "epsilon_mean": sum(epsilons) / len(epsilons) if epsilons else 0.0,
@@ -189,23 +220,51 @@ class LocalPrivacyMonitor:
             "caveats": caveats,
         }
 
-    def extend_report(self, report: dict[str, Any] | None) -> dict[str, Any] | None:
-        """The run's privacy report with the ``local`` section added (a new report in mode local).
+    @property
+    def table_is_public(self) -> bool:
+        """Only without central DP: under central_local the table reveals who was sampled, and rows."""
+        return self.rc.privacy.mode == "local"
 
-        Its ``summary`` gains ``local_epsilon_max``, ``local_epsilon_mean``, ``local_delta`` and
-        the local caveats (appended to ``privacy_caveats``).
+    def published_section(self, full: dict[str, Any]) -> dict[str, Any]:
+        """The ``local`` section as privacy.json may carry it (see the module's docstring)."""
+        if self.table_is_public:
+            return full
+        hidden = ("epsilon_max", "epsilon_mean", "clients_reporting", "clients_declined_any_round", "clients")
+        section = {k: v for k, v in full.items() if k not in hidden}
+        section["caveats"] = [c for c in full["caveats"] if c.startswith("DP-SGD noise")]
+        section["operator_only"] = (
+            "the per-client table, the largest and mean client epsilon and the clients' own caveats are in "
+            "operator_only/privacy_details.json: they reveal which clients were sampled in which round and how "
+            "many rows each holds, which the central guarantee hides"
+        )
+        if section["epsilon_bound"] is None:
+            section["epsilon_bound_note"] = ("no privacy.local.target_epsilon: each client's epsilon depends on its "
+                                             "rows and participations and is not published; the client knows its own")
+        return section
+
+    def extend_report(self, report: dict[str, Any] | None) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
+        """(published report, operator-only details): the run's report with its ``local`` section.
+
+        The published summary gains ``local_delta`` and either ``local_epsilon_max`` /
+        ``local_epsilon_mean`` (privacy=local) or ``local_epsilon_bound`` (central_local: the budget
+        every client enforces); the local caveats join ``privacy_caveats``.
         """
         if not self.enabled:
-            return report
-        section = self.section()
+            return report, None
+        full = self.section()
+        section = self.published_section(full)
         report = dict(report) if report is not None else {"mode": self.rc.privacy.mode}
         report["local"] = section
         summary = dict(report.get("summary", {}))
-        summary["local_epsilon_max"] = section["epsilon_max"]
-        summary["local_epsilon_mean"] = section["epsilon_mean"]
+        if self.table_is_public:
+            summary["local_epsilon_max"] = full["epsilon_max"]
+            summary["local_epsilon_mean"] = full["epsilon_mean"]
+        else:
+            summary["local_epsilon_bound"] = full["epsilon_bound"]
         summary["local_delta"] = self.delta
         summary["privacy_caveats"] = list(summary.get("privacy_caveats", [])) + [
             f"local DP: {c}" for c in section["caveats"]
         ]
         report["summary"] = summary
-        return report
+        operator = None if self.table_is_public else {"local": full}
+        return report, operator

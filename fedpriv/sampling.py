@@ -15,8 +15,12 @@ import numpy as np
 class ClientSampler:
     """Draws a round's cohort from ``population_size`` clients.
 
-    ``seed=None`` draws the generator's seed from the operating system's entropy, so nobody can
-    predict who is sampled (what privacy amplification by sampling assumes).
+    ``seed=None`` seeds numpy's PCG64 with 128 bits from the operating system's CSPRNG, so nobody
+    can predict who is sampled (what privacy amplification by sampling assumes). Such a
+    generator's state is never exposed or saved (it would let anyone who reads the checkpoint
+    rebuild past and future cohorts): a resumed run reseeds from the OS. A seeded sampler
+    (non-private or ``privacy.secure_rng=false`` runs) saves its state, so that a resumed research
+    run samples as the uninterrupted one would.
     """
 
     def __init__(self, scheme: str, population_size: int, expected_size: int, seed: int | None):
@@ -25,6 +29,7 @@ class ClientSampler:
         self.scheme = scheme
         self.population_size = population_size
         self.expected_size = min(expected_size, population_size)
+        self.seeded = seed is not None
         self.rng = np.random.default_rng(seed)
 
     @property
@@ -41,7 +46,9 @@ class ClientSampler:
         return np.flatnonzero(self.rng.random(n) < self.rate)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"bit_generator": self.rng.bit_generator.state}
+        """The generator's state only for a seeded sampler; nothing for an unpredictable one."""
+        return {"bit_generator": self.rng.bit_generator.state if self.seeded else None}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.rng.bit_generator.state = state["bit_generator"]
+        if self.seeded and state.get("bit_generator") is not None:
+            self.rng.bit_generator.state = state["bit_generator"]

@@ -36,6 +36,22 @@ def difference(new: Arrays, old: Arrays) -> Arrays:
     return out
 
 
+def update_problem(new: Arrays, old: Arrays) -> str | None:
+    """Why a client's model cannot be aggregated (None if it can): other keys, shapes or dtypes
+    than the global model's, or a NaN / infinite value (one would make the whole release NaN)."""
+    if new.keys() != old.keys():
+        return f"arrays {sorted(set(new) ^ set(old))[:3]} differ from the model's"
+    for k, ref in old.items():
+        v = new[k]
+        if v.shape != ref.shape:
+            return f"array {k!r} has shape {tuple(v.shape)}, the model's is {tuple(ref.shape)}"
+        if not np.issubdtype(v.dtype, np.floating):
+            return f"array {k!r} has dtype {v.dtype}, not floating point"
+        if not np.all(np.isfinite(v)):
+            return f"array {k!r} holds NaN or infinite values"
+    return None
+
+
 def l2_norm(arrays: Arrays) -> float:
     """The L2 norm of all arrays taken together as one vector."""
     return float(np.sqrt(sum(float(np.vdot(v, v)) for v in arrays.values())))

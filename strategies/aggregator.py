@@ -7,12 +7,17 @@ optimiser); its node choice is not used. ``aggregate_train`` is Flower's, unchan
 
 from __future__ import annotations
 
+import math
 import pickle
 from typing import Any
+
+import numpy as np
 
 from flwr.app import ArrayRecord, ConfigRecord, Message
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
+
+from fedpriv import updates
 
 # Attributes in which Flower's strategies keep state between rounds (server optimisers).
 _STATEFUL = ("current_arrays", "m_t", "v_t", "momentum_vector")
@@ -28,6 +33,22 @@ class FlowerAggregator:
         """Let the strategy see the round's global model; returns extra config for clients."""
         self.strategy.configure_train(server_round, arrays, ConfigRecord(), grid)
         return {}
+
+    def reply_problem(self, reply: Message, global_arrays: dict[str, np.ndarray]) -> str | None:
+        """Why a reply must not be aggregated (None if it may): malformed or non-finite arrays,
+        or a weight (``num-examples``) that is not a positive finite number."""
+        try:
+            problem = updates.update_problem(updates.from_record(reply.content["arrays"]), global_arrays)
+            weight = float(reply.content["metrics"]["num-examples"])
+        except (KeyError, TypeError, ValueError) as exc:
+            return f"malformed reply ({type(exc).__name__}: {exc})"
+        if problem is None and not (math.isfinite(weight) and weight > 0):
+            problem = f"num-examples is {weight}, not a positive finite number"
+        return problem
+
+    def covered_metric_keys(self) -> tuple[str, ...]:
+        """Round metrics covered by a guarantee: none (this aggregator adds no privacy)."""
+        return ()
 
     def aggregate(self, server_round: int, arrays: ArrayRecord, replies: list[Message]) -> tuple[ArrayRecord | None, dict[str, Any]]:
         """Flower's aggregation of successful replies (weighted by ``num-examples``)."""

@@ -21,7 +21,6 @@ with is the norm its noise is calibrated with; the new norm only applies from th
 from __future__ import annotations
 
 import math
-import secrets
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,7 +30,27 @@ from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
 from fedpriv import updates
 from fedpriv.config import RunConfig
 from fedpriv.privacy import PrivacyLedger, update_noise_for_total
+from fedpriv.privacy.noise_samplers import GaussianSampler, make_gaussian_sampler
 from fedpriv.privacy.plan import NoisePlan, make_noise_plan, plan_epsilons
+
+
+def randomness_words(noise_sampler: str, secure_rng: bool) -> dict[str, str]:
+    """Where every random choice of a central-DP run comes from, for privacy.json."""
+    if not secure_rng:
+        noise = ("numpy Generator.normal (float Gaussian) on PCG64 seeded from the run's seed and the round: "
+                 "reproducible, NOT for release")
+    elif noise_sampler == "opendp":
+        noise = ("OpenDP's vector Gaussian mechanism (make_gaussian): every value rounded exactly to a grid of 2^k, "
+                 "exact discrete Gaussian noise on that grid (Canonne, Kamath & Steinke 2020) added in exact "
+                 "arithmetic, rounded once to float64; random bits from OpenSSL's CSPRNG; floating-point safe")
+    else:
+        noise = ("numpy Generator.normal (256-level ziggurat in float64) on PCG64 seeded with 128 bits from the OS "
+                 "CSPRNG (Python's secrets); PCG64 is not a CSPRNG and float Gaussian sampling is open to "
+                 "floating-point attacks (Mironov 2012): use privacy.noise_sampler=opendp for a release")
+    sampling = ("numpy PCG64 seeded from the run's seed: reproducible, NOT for release" if not secure_rng else
+                "numpy PCG64 seeded with 128 bits from the OS CSPRNG; its state is never saved, a resumed run "
+                "reseeds from the OS, so no file lets anyone rebuild past or future cohorts")
+    return {"noise": noise, "client_sampling": sampling}
 
 
 @dataclass
@@ -58,8 +77,12 @@ class CentralDPAggregator:
         plan: per-round noise multipliers, sampling scheme and rate the accountant assumes, delta.
         clipping: the per-client L2 bound (the sensitivity of one user's contribution).
         clip_on: ``server`` or ``client`` (who clips first; the guarantee is the same).
-        secure_rng: draw the noise from a generator seeded by the OS's entropy (for release);
-            ``False`` seeds it from ``seed`` (reproducible research runs, not for release).
+        secure_rng: draw the noise unpredictably (for release); ``False`` seeds numpy's generator
+            from ``seed`` and the round (reproducible research runs, NOT for release).
+        noise_sampler: ``numpy`` (PCG64 seeded with 128 bits from the OS CSPRNG, float Gaussian:
+            fast, not floating-point safe) or ``opendp`` (OpenDP's exact Gaussian mechanism on
+            OpenSSL's CSPRNG, floating-point safe: the choice for a release); see
+            :mod:`fedpriv.privacy.noise_samplers`. No generator state is ever saved.
     """
 
     def __init__(
@@ -71,6 +94,7 @@ class CentralDPAggregator:
         clip_on: str = "server",
         secure_rng: bool = True,
         seed: int = 0,
+        noise_sampler: str = "numpy",
     ):
         self.inner = inner
         self.plan = plan
@@ -78,7 +102,9 @@ class CentralDPAggregator:
         self.clip_on = clip_on
         self.secure_rng = secure_rng
         self.ledger = PrivacyLedger()
-        self._rng = np.random.default_rng(secrets.randbits(128) if secure_rng else seed + 104_729)
+        self.noise_sampler = noise_sampler
+        self._seed = seed
+        self._sampler = make_gaussian_sampler(noise_sampler) if secure_rng else None
         self._planned = plan_epsilons(plan)
         self._round_clip_norm: float | None = None
         self._noise_override: float = 1.0  # test-only hook: scale of the noise actually drawn
@@ -103,7 +129,8 @@ class CentralDPAggregator:
         if clipping.adaptive:  # fail now, not mid-run, if sigma_b leaves no room for the update noise
             for z in set(plan.noise_multipliers) - {0.0}:
                 update_noise_for_total(z, clipping.count_stddev)
-        agg = cls(inner, plan, clipping, clip_on=p.clip_on, secure_rng=p.secure_rng, seed=rc.seed)
+        agg = cls(inner, plan, clipping, clip_on=p.clip_on, secure_rng=p.secure_rng, seed=rc.seed,
+                  noise_sampler=p.noise_sampler)
         if rc.audit.enabled:  # canary clients (fedpriv.audit.canaries); audit.noise_scale != 1 only in audit runs
             from fedpriv.audit import CanaryAudit
 
@@ -115,6 +142,13 @@ class CentralDPAggregator:
     def noise_multiplier(self, server_round: int) -> float:
         """The total noise multiplier of round ``server_round`` (what the ledger records)."""
         return self.plan.noise_multipliers[server_round - 1]
+
+    def _noise_source(self, server_round: int) -> GaussianSampler:
+        """The run's unpredictable sampler; a seeded run draws each round from (seed, round), so
+        that a resumed research run reproduces the uninterrupted one without saving any state."""
+        if self._sampler is not None:
+            return self._sampler
+        return make_gaussian_sampler("numpy", (self._seed + 104_729) * 1_000_003 + server_round)
 
     def begin_round(self, server_round: int, arrays: ArrayRecord, grid: Any) -> dict[str, Any]:
         from fedpriv.federation import StopRun
@@ -159,14 +193,16 @@ class CentralDPAggregator:
         denom = self.plan.denominator + (self.audit.expected_per_round if self.audit is not None else 0.0)
         noise_std_sum = z_update * clip_norm * self._noise_override
         signal_norm = updates.l2_norm(total) / denom
-        noised_mean = {k: (v + self._rng.normal(0.0, noise_std_sum, size=v.shape)) / denom for k, v in total.items()}
+        sampler = self._noise_source(server_round)
+        noised_mean = {k: sampler.add_noise(v, noise_std_sum) / denom for k, v in total.items()}
 
         noisy_unclipped = None
         if self.clipping.adaptive:
             # Andrew et al. 2021: each bit is centred at 1/2 (sensitivity 1/2), noised, and
             # uncentred with the public E[m]; the reply count itself is never used.
             bits = self._unclipped_bits(replies, norms, clip_norm)
-            centred = float(np.sum(np.asarray(bits) - 0.5)) + self._rng.normal(0.0, self.clipping.count_stddev)
+            centred_sum = np.array([float(np.sum(np.asarray(bits) - 0.5))])
+            centred = float(sampler.add_noise(centred_sum, self.clipping.count_stddev)[0])
             noisy_unclipped = centred / denom + 0.5
         self.plan.record_round(self.ledger, z_total)
 
@@ -211,6 +247,29 @@ class CentralDPAggregator:
             metrics["audit_canaries_in_round"] = canaries_in
         return new_arrays, metrics
 
+    def reply_problem(self, reply: Message, global_arrays: dict[str, np.ndarray]) -> str | None:
+        """Why a reply must not enter the clipped sum (None if it may): malformed or non-finite
+        arrays, or (client clipping) an unclipped bit other than 0 or 1, which would move the
+        adaptive clip norm anywhere. Weights are not read: the sum is unweighted."""
+        try:
+            problem = updates.update_problem(updates.from_record(reply.content["arrays"]), global_arrays)
+        except (KeyError, TypeError, ValueError) as exc:
+            return f"malformed reply ({type(exc).__name__}: {exc})"
+        if problem is None and self.clip_on == "client":
+            bit = reply.content["metrics"].get("unclipped") if "metrics" in reply.content else None
+            if bit is not None and float(bit) not in (0.0, 1.0):
+                problem = f"unclipped bit is {bit}, not 0 or 1"
+        return problem
+
+    def covered_metric_keys(self) -> tuple[str, ...]:
+        """Round metrics covered by the guarantee (what :mod:`fedpriv.privacy.disclosure` may publish):
+        the plan's figures and, under adaptive clipping, the clip norm and the clipped fraction,
+        which come from the noised count. The raw ones (update-norm quantiles, snr, cohort size,
+        training loss, and the clipped fraction under fixed clipping) are operator-only."""
+        keys = ("epsilon", "planned_epsilon", "delta", "noise_multiplier", "update_noise_multiplier", "clip_norm",
+                "noise_std")
+        return keys + (("clipped_fraction",) if self.clipping.adaptive else ())
+
     def _unclipped_bits(self, replies: list[Message], norms: list[float], clip_norm: float) -> list[float]:
         """1 for an update within the clip norm. Under client clipping the client says so itself
         (its update arrives already clipped); the server's own check covers everyone else."""
@@ -226,7 +285,6 @@ class CentralDPAggregator:
             "inner": self.inner.state_dict(),
             "ledger": self.ledger.state_dict(),
             "clip_norm": self.clipping.norm,
-            "rng": self._rng.bit_generator.state if not self.secure_rng else None,
             "audit": self.audit.state_dict() if self.audit is not None else None,
         }
 
@@ -234,10 +292,16 @@ class CentralDPAggregator:
         self.inner.load_state_dict(state["inner"])
         self.ledger = PrivacyLedger.from_state_dict(state["ledger"])
         self.clipping.norm = float(state["clip_norm"])
-        if state.get("rng") is not None:
-            self._rng.bit_generator.state = state["rng"]
         if self.audit is not None and state.get("audit") is not None:
             self.audit.load_state_dict(state["audit"])
 
     def privacy_report(self) -> dict[str, Any]:
-        return self.plan.report(self.ledger, clipping=self.clipping, clip_on=self.clip_on, secure_rng=self.secure_rng)
+        report = self.plan.report(self.ledger, clipping=self.clipping, clip_on=self.clip_on, secure_rng=self.secure_rng)
+        report["randomness"] = randomness_words(self.noise_sampler, self.secure_rng)
+        if self.noise_sampler == "opendp":
+            report["caveats"].append(
+                "noise_sampler=opendp rounds each noised value to a grid of 2^k with k = floor(log2 std) - 52; "
+                "OpenDP's own privacy map charges this as a relative increase of rho below 1e-12 for these model "
+                "sizes, far below the accountant's own discretisation, and the ledger does not add it"
+            )
+        return report

@@ -159,6 +159,9 @@ def test_noise_off_canaries_are_found():
     assert fm(rep)["lower_bound"]["epsilon"] > 20  # exact null: a participating canary's cosine is ~50 null stds
     assert fm(rep)["one_run_lower_bound"]["epsilon"] > 1.0  # only 200 canaries: the one-run bound saturates
     assert a["privacy_bug"] and rep["summary"]["privacy_bug"]
+    # Only a one-run bound carries the stated false-alarm rate (no independence of canaries assumed).
+    assert a["privacy_bug_rigorous"] == any("one run lower bound" in r for r in a["privacy_bug_reasons"])
+    assert "one_run_lower_bound" in a["false_alarm_rate"] and "independent" in a["false_alarm_rate"]
     assert rep["caveats"][0].startswith("WARNING privacy_bug")
     assert 0 < a["inserted_never_sampled"] < a["inserted"]  # Poisson: (1 - 0.3)^4 = 24% never joined
 

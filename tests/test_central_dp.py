@@ -45,10 +45,15 @@ def model_arrays(n: int, value: float = 0.0) -> dict[str, np.ndarray]:
     return {"w": np.full(n, value, dtype=np.float32), "b": np.full(8, value, dtype=np.float32)}
 
 
-def test_noise_std_matches_z_c_over_expected_cohort_on_a_large_model():
-    # 200k parameters, no client update at all: what comes back is pure noise / E[m].
-    agg = make_agg("num_clients=100 clients_per_round=10 privacy=central privacy.noise_multiplier=1.3 privacy.clip_norm=0.5 privacy.secure_rng=false")
-    zeros = model_arrays(200_000)
+@pytest.mark.parametrize("sampler", ["numpy-seeded", "numpy", "opendp"])
+def test_noise_std_matches_z_c_over_expected_cohort_on_a_large_model(sampler):
+    # 200k parameters (50k for OpenDP's slower exact sampler), no client update at all: what comes
+    # back is pure noise / E[m].
+    rng_keys = {"numpy-seeded": "privacy.secure_rng=false", "numpy": "", "opendp": "privacy.noise_sampler=opendp"}
+    agg = make_agg("num_clients=100 clients_per_round=10 privacy=central privacy.noise_multiplier=1.3 "
+                   f"privacy.clip_norm=0.5 {rng_keys[sampler]}")
+    assert agg.privacy_report()["randomness"]["noise"].startswith("OpenDP" if sampler == "opendp" else "numpy")
+    zeros = model_arrays(50_000 if sampler == "opendp" else 200_000)
     agg.begin_round(1, to_record(zeros), FakeGrid())
     new, metrics = agg.aggregate(1, to_record(zeros), [reply(zeros) for _ in range(7)])  # 7 of E[m]=10 replied
     noise = np.concatenate([v.numpy().ravel() for v in new.values()]).astype(np.float64)

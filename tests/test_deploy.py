@@ -42,6 +42,8 @@ def test_node_config_is_valid_flower_node_config():
 
     assert parse_config_args([deploy.node_config_string(1, 3)]) == {"partition-id": 1, "num-partitions": 3}
     assert parse_config_args([deploy.node_config_string(0, 3, "/data/owner a.npz")]) == {"data-path": "/data/owner a.npz"}
+    assert parse_config_args([deploy.node_config_string(0, 3, None, "/s/node 0")]) == {
+        "partition-id": 0, "num-partitions": 3, "state-dir": "/s/node 0"}
 
 
 def test_deployment_overrides_put_the_users_last_and_make_run_dir_absolute(tmp_path):
@@ -171,7 +173,7 @@ def test_private_run_over_tls_on_two_supernodes(federation, tmp_path):
     run_dir = Path(result.run_dir)
     assert run_dir == Path(fed.session) / "run-1"
     summary = json.loads((run_dir / "summary.json").read_text())
-    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    rows = deploy.operator_view(run_dir)  # published figures and the operator's counts
     assert summary["rounds_completed"] == 2 and summary["stop_reason"] == "completed"
     assert [r["round"] for r in rows] == [1, 2]
     assert all(r["num_clients"] == 2 and r["num_failed"] == 0 for r in rows)

@@ -24,6 +24,7 @@ from torch.nn import functional as F
 from clients import dp_sgd
 from clients.dp_sgd import DPSGDError, dp_sgd_round, make_dp_compatible, sampling_plan, train_dp_sgd
 from clients.local_update import run_local_update
+from fedpriv.client_state import ClientStateStore
 from fedpriv.compose import compose_config
 from fedpriv.local_privacy import LocalPrivacyMonitor
 from fedpriv.models import LogisticRegression, SmallCNN
@@ -53,6 +54,11 @@ def client_data(client_id: int, n: int = 512, seed: int = 0) -> ClientData:
 
 def context() -> Context:
     return Context(run_id=1, node_id=7, node_config={}, state=RecordDict(), run_config={})
+
+
+def update(rc, cfg, data, model, store):
+    """One client's round as the ClientApp runs it: its ledger in its own store, keyed by its id."""
+    return run_local_update(rc, cfg, data, model, store, f"client-{data.client_id}")
 
 
 def independent_rdp(z: float, q: float, steps: int, delta: float = DELTA) -> float:
@@ -86,14 +92,14 @@ def test_sampling_plan_is_what_opacus_loader_does(n, batch):
 # ------------------------------------------------------------------ ledger across rounds (unit)
 
 
-def test_three_rounds_compose_into_one_accountant_call_per_client():
+def test_three_rounds_compose_into_one_accountant_call_per_client(tmp_path):
     rc = local_rc()
-    ctx = context()  # one node acting for both virtual clients
+    store = ClientStateStore(tmp_path)  # one process acting for both virtual clients
     seen: dict[int, list[float]] = {0: [], 1: []}
     for rnd in (1, 2, 3):
         for cid in (0, 1):
             cfg = ConfigRecord({"server-round": rnd, "client-id": cid})
-            _, metrics = run_local_update(rc, cfg, client_data(cid), LogisticRegression(64, 10), ctx)
+            _, metrics = update(rc, cfg, client_data(cid), LogisticRegression(64, 10), store)
             assert metrics["declined"] == 0.0 and metrics["local_steps"] == 8.0
             seen[cid].append(metrics["local_epsilon"])
     # Each client's figure after round r is ONE accountant call over all 8r steps it took.
@@ -106,43 +112,47 @@ def test_three_rounds_compose_into_one_accountant_call_per_client():
     opacus_acc = RDPAccountant()
     opacus_acc.history = [(1.0, 0.125, 24)]
     assert seen[0][-1] == pytest.approx(opacus_acc.get_epsilon(DELTA), abs=0.01)
-    # ...and the ledgers live in context.state, one per virtual client, keyed by its id.
-    assert {"ledger/0", "ledger/1"} <= set(ctx.state.keys())
-    book = dp_sgd.load_client_ledger(ctx.state, 1)
+    # ...and the ledgers live in the clients' store, one per virtual client, keyed by its id.
+    assert store.keys() == ["ledger-client-0", "ledger-client-1"]
+    book = dp_sgd.load_client_ledger(store, "client-1")
     assert book.rounds == 3 and book.steps == 24
     assert book.ledger.epsilon(DELTA, "rdp") == pytest.approx(seen[1][-1])
 
 
-def test_a_client_counts_only_the_rounds_it_took_part_in():
+def test_a_client_counts_only_the_rounds_it_took_part_in(tmp_path):
     rc = local_rc()
-    ctx = context()
+    store = ClientStateStore(tmp_path)
     for rnd in (1, 2, 3):
-        run_local_update(rc, ConfigRecord({"server-round": rnd}), client_data(0), LogisticRegression(64, 10), ctx)
-    _, metrics = run_local_update(rc, ConfigRecord({"server-round": 3}), client_data(1), LogisticRegression(64, 10), ctx)
+        update(rc, ConfigRecord({"server-round": rnd}), client_data(0), LogisticRegression(64, 10), store)
+    _, metrics = update(rc, ConfigRecord({"server-round": 3}), client_data(1), LogisticRegression(64, 10), store)
     assert metrics["local_epsilon"] == pytest.approx(PINNED_RDP[0], abs=0.01)  # client 1: one round, its own ledger
     assert metrics["local_rounds"] == 1.0
 
 
-def test_pld_figure_matches_an_independent_pld_accountant():
+def test_pld_figure_matches_an_independent_pld_accountant(tmp_path):
     rc = local_rc("privacy.accountant=pld")
-    ctx = context()
+    store = ClientStateStore(tmp_path)
     for rnd in (1, 2):
-        _, metrics = run_local_update(rc, ConfigRecord({"server-round": rnd}), client_data(0), LogisticRegression(64, 10), ctx)
+        _, metrics = update(rc, ConfigRecord({"server-round": rnd}), client_data(0), LogisticRegression(64, 10), store)
     eps = independent_pld(1.0, 0.125, 16)
     assert metrics["local_epsilon"] >= eps - 1e-3  # pessimistic PLD: an upper bound
     assert metrics["local_epsilon"] == pytest.approx(eps, rel=0.01)
     assert metrics["local_epsilon"] < PINNED_RDP[1]  # tighter than RDP
 
 
-def test_reply_arrays_are_the_plain_model_and_metrics_have_fixed_keys():
+def test_reply_arrays_are_the_plain_model_and_metrics_carry_only_covered_figures(tmp_path):
     rc = local_rc()
     model = SmallCNN(1, 8, 10, width=8, groups=4)
     expected_keys = set(model.state_dict())
-    arrays, metrics = run_local_update(rc, ConfigRecord({"server-round": 1}), client_data(0), model, context())
+    store = ClientStateStore(tmp_path)
+    arrays, metrics = update(rc, ConfigRecord({"server-round": 1}), client_data(0), model, store)
     keys = set(arrays.keys())
     assert keys == expected_keys and not any(k.startswith("_module.") for k in keys)
-    assert {"num-examples", "train_loss", "local_epsilon", "local_steps", "local_noise_multiplier", "declined"} <= set(metrics)
-    _, clipped = run_local_update(rc, ConfigRecord({"server-round": 1, "clip-norm": 0.01}), client_data(1), SmallCNN(1, 8, 10, width=8, groups=4), context())
+    # Only the row count and figures computed from it and the ledger: no raw training loss.
+    assert set(metrics) == {"num-examples", "local_epsilon", "local_steps", "local_noise_multiplier",
+                            "local_sample_rate", "local_rounds", "declined"}
+    _, clipped = update(rc, ConfigRecord({"server-round": 1, "clip-norm": 0.01}), client_data(1),
+                        SmallCNN(1, 8, 10, width=8, groups=4), store)
     assert set(clipped) == set(metrics) | {"unclipped"}  # client-side clipping still applies after DP-SGD
     assert clipped["unclipped"] == 0.0
 
@@ -150,37 +160,37 @@ def test_reply_arrays_are_the_plain_model_and_metrics_have_fixed_keys():
 # ------------------------------------------------------------------------------------ budgets
 
 
-def test_a_client_over_budget_declines_and_keeps_its_ledger():
+def test_a_client_over_budget_declines_and_keeps_its_ledger(tmp_path):
     # z = 1: 3.79 after one round, 4.70 after two; a budget of 4.2 allows one round only.
     rc = local_rc("privacy.local.target_epsilon=4.2")
-    ctx = context()
+    store = ClientStateStore(tmp_path)
     model = LogisticRegression(64, 10)
-    _, first = run_local_update(rc, ConfigRecord({"server-round": 1}), client_data(0), model, ctx)
+    _, first = update(rc, ConfigRecord({"server-round": 1}), client_data(0), model, store)
     assert first["declined"] == 0.0
     received_model = LogisticRegression(64, 10)
     received = {k: v.numpy().copy() for k, v in received_model.state_dict().items()}
-    arrays, second = run_local_update(rc, ConfigRecord({"server-round": 2}), client_data(0), received_model, ctx)
+    arrays, second = update(rc, ConfigRecord({"server-round": 2}), client_data(0), received_model, store)
     assert second["declined"] == 1.0
     assert second["local_epsilon"] == pytest.approx(first["local_epsilon"])  # nothing new was released
     returned = arrays.to_torch_state_dict()
     assert set(returned) == set(received)
     for k, v in returned.items():
         np.testing.assert_array_equal(v.numpy(), received[k])
-    book = dp_sgd.load_client_ledger(ctx.state, 0)
+    book = dp_sgd.load_client_ledger(store, "client-0")
     assert book.rounds == 1 and book.declined == 1
 
 
-def test_calibrated_noise_spends_the_budget_over_the_planned_rounds():
+def test_calibrated_noise_spends_the_budget_over_the_planned_rounds(tmp_path):
     rc = local_rc("privacy.local.noise_multiplier=null", "privacy.local.target_epsilon=3.0", "num_rounds=4")
     plan = sampling_plan(512, 64, 1)
     zs = dp_sgd.noise_plan(rc, plan)
     assert len(zs) == 4 and len(set(zs)) == 1  # q = 1: every round, constant schedule
     eps = independent_rdp(zs[0], plan.sample_rate, 4 * plan.steps)
     assert 0.98 * 3.0 <= eps <= 3.0
-    ctx = context()
+    store = ClientStateStore(tmp_path)
     figures = []
     for rnd in range(1, 6):
-        _, m = run_local_update(rc, ConfigRecord({"server-round": rnd}), client_data(0), LogisticRegression(64, 10), ctx)
+        _, m = update(rc, ConfigRecord({"server-round": rnd}), client_data(0), LogisticRegression(64, 10), store)
         figures.append((m["declined"], m["local_epsilon"]))
     assert [d for d, _ in figures] == [0.0, 0.0, 0.0, 0.0, 1.0]  # the 5th round would overspend
     assert figures[3][1] == pytest.approx(eps, rel=1e-6) and figures[4][1] == figures[3][1] <= 3.0
@@ -264,7 +274,7 @@ def test_empty_poisson_batches_are_noise_only_steps(mode):
         assert all(changed) if moves else not any(changed)
 
 
-def test_batchnorm_is_replaced_by_groupnorm():
+def test_batchnorm_is_replaced_by_groupnorm(tmp_path):
     bn = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 10))
     fixed = make_dp_compatible(bn)
     kinds = {type(m) for m in fixed.modules()}
@@ -275,7 +285,7 @@ def test_batchnorm_is_replaced_by_groupnorm():
     assert any(isinstance(m, nn.GroupNorm) for m in r.model.modules())
     # As a global model it cannot be aggregated (its arrays change): a clear client error.
     with pytest.raises(DPSGDError, match="GroupNorm instead of BatchNorm"):
-        run_local_update(local_rc(), ConfigRecord({"server-round": 1}), client_data(0), bn, context())
+        update(local_rc(), ConfigRecord({"server-round": 1}), client_data(0), bn, ClientStateStore(tmp_path))
 
 
 def test_a_model_opacus_cannot_train_is_a_clear_error():
@@ -296,7 +306,7 @@ def test_a_model_opacus_cannot_train_is_a_clear_error():
                      clipping="per_layer")
 
 
-def test_client_app_turns_a_dp_error_into_an_error_reply(monkeypatch):
+def test_client_app_turns_a_dp_error_into_an_error_reply(monkeypatch, tmp_path):
     from flwr.app import ArrayRecord, Message, MessageType
 
     from flwr.supercore.task_identity import TaskIdentity
@@ -310,7 +320,8 @@ def test_client_app_turns_a_dp_error_into_an_error_reply(monkeypatch):
     model = client_app.new_model(rc)
     msg = Message(
         content=RecordDict({"arrays": ArrayRecord(model.state_dict()),
-                            "config": ConfigRecord({"task": encode_config(rc), "client-id": 0, "server-round": 1})}),
+                            "config": ConfigRecord({"task": encode_config(rc), "client-id": 0, "server-round": 1,
+                                                    "client-state-dir": str(tmp_path)})}),
         dst_node_id=1, message_type=MessageType.TRAIN,
     )
     reply = client_app.train_handler(msg, context())
@@ -322,19 +333,20 @@ def test_client_app_turns_a_dp_error_into_an_error_reply(monkeypatch):
 
 class _Reply:
     def __init__(self, metrics):
-        self.content = {"metrics": metrics}
+        key = metrics.pop("key")
+        self.content = {"metrics": metrics, "client": {"key": key}}
 
 
 def _metrics(cid, eps, rounds, declined=0.0, rows=512):
-    return {"num-examples": float(rows), "train_loss": 1.0, "local_epsilon": eps, "local_steps": 0.0 if declined else 8.0,
+    return {"num-examples": float(rows), "local_epsilon": eps, "local_steps": 0.0 if declined else 8.0,
             "local_noise_multiplier": 1.0, "local_sample_rate": 0.125, "local_rounds": float(rounds),
-            "local_client_id": float(cid), "declined": declined}
+            "key": f"client-{cid}", "declined": declined}
 
 
 def test_monitor_round_metrics_summary_and_report():
     rc = local_rc()
     mon = LocalPrivacyMonitor(rc)
-    record = {"local_epsilon": 3.0, "local_client_id": 0.5, "local_rounds": 1.0}  # what Flower averaged
+    record = {"local_epsilon": 3.0, "local_rounds": 1.0}  # what Flower averaged
     mon.observe_round(1, [_Reply(_metrics(0, 3.79, 1)), _Reply(_metrics(1, 3.79, 1))], record)
     assert record == {"local_epsilon_max": pytest.approx(3.79), "local_epsilon_mean": pytest.approx(3.79)}
     record = {}
@@ -342,25 +354,46 @@ def test_monitor_round_metrics_summary_and_report():
     assert record["local_epsilon_max"] == pytest.approx(4.70)
     assert record["local_epsilon_mean"] == pytest.approx((4.70 + 3.79) / 2)
 
-    report = mon.extend_report(None)  # privacy=local: the monitor writes the report
+    report, details = mon.extend_report(None)  # privacy=local: the monitor writes the report
+    assert details is None  # under local DP alone the table is public (zero-out: rows, participation public)
     assert report["mode"] == "local" and report["summary"]["local_epsilon_max"] == pytest.approx(4.70)
     assert report["summary"]["local_delta"] == DELTA
     table = {row["client_id"]: row for row in report["local"]["clients"]}
-    assert table[0]["rounds_participated"] == 2 and table[0]["steps"] == 16 and table[0]["epsilon"] == pytest.approx(4.70)
-    assert table[1]["rounds_participated"] == 1 and table[1]["rounds_declined"] == 1
-    assert "Example-level" in report["local"]["guarantee"]
+    assert table["client-0"]["rounds_participated"] == 2 and table["client-0"]["steps"] == 16
+    assert table["client-0"]["epsilon"] == pytest.approx(4.70)
+    assert table["client-1"]["rounds_participated"] == 1 and table["client-1"]["rounds_declined"] == 1
+    assert "Example-level" in report["local"]["guarantee"] and "zero-out" in report["local"]["guarantee"]
+    assert report["local"]["neighbouring_relation"].startswith("zero_out")
     json.dumps(report)
 
+    # Under central_local the table would reveal who was sampled: it goes to the operator only.
+    both = LocalPrivacyMonitor(local_rc("privacy=central_local", "privacy.local.target_epsilon=5",
+                                        "privacy.local.noise_multiplier=1.0"))
+    both.observe_round(1, [_Reply(_metrics(0, 3.79, 1)), _Reply(_metrics(1, 3.79, 1))], {})
     central = {"mode": "central_local", "epsilon": 2.0, "summary": {"epsilon": 2.0, "privacy_caveats": ["central note"]}}
-    merged = mon.extend_report(central)
+    merged, details = both.extend_report(central)
     assert merged["epsilon"] == 2.0 and "local" in merged
-    assert merged["summary"]["epsilon"] == 2.0 and merged["summary"]["local_epsilon_max"] == pytest.approx(4.70)
+    assert merged["summary"]["epsilon"] == 2.0 and merged["summary"]["local_epsilon_bound"] == 5.0
+    assert "local_epsilon_max" not in merged["summary"] and "clients" not in merged["local"]
+    assert "epsilon_max" not in merged["local"] and "client-0" not in json.dumps(merged)
     assert merged["summary"]["privacy_caveats"][0] == "central note"
+    assert {r["client_id"] for r in details["local"]["clients"]} == {"client-0", "client-1"}
 
     off = LocalPrivacyMonitor(compose_config(["privacy=none"]))
     record = {"x": 1}
     off.observe_round(1, [_Reply(_metrics(0, 1.0, 1))], record)
-    assert record == {"x": 1} and off.extend_report(None) is None
+    assert record == {"x": 1} and off.extend_report(None) == (None, None)
+
+
+def test_monitor_state_survives_a_checkpoint():
+    mon = LocalPrivacyMonitor(local_rc())
+    mon.observe_round(1, [_Reply(_metrics(0, 3.79, 1)), _Reply(_metrics(1, 3.79, 1))], {})
+    again = LocalPrivacyMonitor(local_rc())
+    again.load_state_dict(json.loads(json.dumps(mon.state_dict())))
+    again.observe_round(2, [_Reply(_metrics(0, 4.70, 2))], {})
+    rows = {r["client_id"]: r for r in again.section()["clients"]}
+    assert rows["client-0"]["rounds_participated"] == 2 and rows["client-0"]["steps"] == 16
+    assert rows["client-1"]["rounds_participated"] == 1 and again.section()["caveats"][-1:] != ["1 replies"]
 
 
 def test_monitor_flags_small_clients_and_broken_ledgers():
@@ -369,8 +402,8 @@ def test_monitor_flags_small_clients_and_broken_ledgers():
     mon.observe_round(2, [_Reply(_metrics(0, 0.5, 1, rows=50))], {})  # the ledger forgot round 1
     section = mon.section()
     caveats = " ".join(section["caveats"])
-    assert "not below 1/n for clients [0]" in caveats
-    assert "context.state was not kept" in caveats
+    assert "not below 1/n for clients ['client-0']" in caveats
+    assert "its state was lost" in caveats
     row = section["clients"][0]
     assert row["rounds_participated"] == 2
     recomputed = independent_rdp(1.0, 0.125, 16, delta=0.05)  # the 16 steps the server saw
@@ -405,7 +438,7 @@ def test_simulation_with_local_dp_keeps_ledgers_and_goes_on_after_declines(tmp_p
     assert [r["clients_declined"] for r in rows] == [0, 0, 2]  # round 3 goes on without them
     assert [r["num_clients"] for r in rows] == [2, 2, 0]
     one = [independent_rdp(1.0, p.sample_rate, p.steps) for p in plans]
-    # The ledger survived between rounds in context.state: round 2's figure composes both rounds.
+    # The ledger survived between rounds in the client's store: round 2's figure composes both rounds.
     assert rows[0]["local_epsilon_max"] == pytest.approx(max(one), rel=1e-6)
     assert rows[1]["local_epsilon_max"] == pytest.approx(max(two), rel=1e-6)
     assert rows[2]["local_epsilon_max"] == pytest.approx(max(two), rel=1e-6)
@@ -415,6 +448,7 @@ def test_simulation_with_local_dp_keeps_ledgers_and_goes_on_after_declines(tmp_p
     report = json.loads((tmp_path / "privacy.json").read_text())
     table = {row["client_id"]: row for row in report["local"]["clients"]}
     for c in (0, 1):
-        assert table[c]["rounds_participated"] == 2 and table[c]["rounds_declined"] == 1
-        assert table[c]["steps"] == 2 * plans[c].steps
-        assert table[c]["epsilon"] == pytest.approx(two[c], rel=1e-6)
+        row = table[f"client-{c}"]
+        assert row["rounds_participated"] == 2 and row["rounds_declined"] == 1
+        assert row["steps"] == 2 * plans[c].steps
+        assert row["epsilon"] == pytest.approx(two[c], rel=1e-6)

@@ -33,6 +33,9 @@ def read_jsonl(path: Path) -> list[dict]:
         (["num_clients=5", "clients_per_round=9"], {}, "clients_per_round"),
         (["placement=gpu"], {"CUDA_VISIBLE_DEVICES": ""}, "placement"),
         (["dataset=fashion_mnist", "data.root=BROKEN"], {}, "train-images-idx3-ubyte"),
+        (["resume=true", "run_dir=NOWHERE"], {}, "cannot resume: run folder"),
+        (["resume=true", "run_dir=BROKEN"], {}, "is not a run folder"),
+        (["privacy=central", "privacy.noise_multiplier=0.3", "privacy.target_epsilon=0.1"], {}, "spent before round 1"),
     ],
 )
 def test_bad_input_stops_before_any_work_with_one_line(tmp_path, overrides, env, expected):
@@ -40,7 +43,7 @@ def test_bad_input_stops_before_any_work_with_one_line(tmp_path, overrides, env,
     broken.mkdir(parents=True)
     for name in ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"):
         (broken / name).write_bytes(b"\x00\x00\x08\x03" + b"\x00" * 10)
-    overrides = [o.replace("BROKEN", str(broken)) for o in overrides]
+    overrides = [o.replace("BROKEN", str(broken)).replace("NOWHERE", str(tmp_path / "typo")) for o in overrides]
     env = {"FEDPRIV_CACHE": str(tmp_path / "cache"), **env}  # no decoded copy from an earlier run
     result = simulate(*overrides, f"hydra.run.dir={tmp_path}", env=env, timeout=120)
     assert result.returncode != 0
@@ -73,8 +76,12 @@ def test_run_writes_outputs_and_resumes_after_a_crash(tmp_path):
     assert 0.0 <= summary["final_accuracy"] <= 1.0 and summary["wall_seconds"] > 0
     assert (run_dir / "model.pt").exists() and (run_dir / "config.yaml").exists()
 
+    before = {p.name: p.read_bytes() for p in run_dir.iterdir() if p.is_file()}
     changed = simulate(*FAST, "num_rounds=3", "seed=5", "resume=true", f"run_dir={run_dir}", f"hydra.run.dir={tmp_path / 'h3'}", timeout=120)
-    assert changed.returncode != 0 and "seed" in changed.stderr  # a different run cannot resume this one
+    assert changed.returncode == 2  # a different run cannot resume this one: one line, folder untouched
+    errors = [ln for ln in changed.stderr.splitlines() if ln.startswith("fedpriv: error:")]
+    assert len(errors) == 1 and "seed" in errors[0] and "Traceback" not in changed.stderr
+    assert {p.name: p.read_bytes() for p in run_dir.iterdir() if p.is_file()} == before
 
 
 @pytest.mark.slow

@@ -72,19 +72,17 @@ class NoisePlan:
         caveats = list(self.caveats) + list(ledger.caveats)
         if not secure_rng:
             caveats.append("NOT FOR RELEASE: noise drawn from a seeded, reproducible generator (privacy.secure_rng=false)")
-        caveats.append(
-            "per-round diagnostics (update_norm_p*, train_loss, and clipped_fraction under fixed clipping) are "
-            "computed from raw client updates for the operator; they are not covered by this guarantee"
-        )
+        change = ("replacing all of its data by another client's (replace-one: the number of clients is public)"
+                  if self.sampling == "fixed" else "adding or removing all of its data (add/remove-one)")
         words = (
-            f"User-level differential privacy: for any one client, adding or removing all of its "
-            f"data changes the distribution of everything the server released over the {rounds} completed round(s) "
+            f"User-level differential privacy: for any one client, {change} changes the distribution of everything the server released over the {rounds} completed round(s) "
             f"(the sequence of noised model updates{' and noised clipped-counts' if clipping.adaptive else ''}, hence the "
             f"final model) by at most (epsilon={eps:.4g}, delta={self.delta:.3g}). It assumes {self._sampling_words()}, "
             f"each client's update clipped to L2 norm {'following the adaptive norm' if clipping.adaptive else clipping.norm} "
             f"(clipped on the {clip_on}), Gaussian noise added by a trusted server, and the ledger's {self.accountant.upper()} "
             "accountant. It does not protect against a server that deviates from this code, and it says nothing about a "
-            "single example's privacy beyond that of its client."
+            "single example's privacy beyond that of its client. What the run published is listed under 'outputs'; "
+            "figures not covered by this guarantee went only to the operator (operator_only/)."
         )
         summary = {
             "epsilon": eps,
@@ -160,15 +158,18 @@ def make_noise_plan(rc: RunConfig) -> NoisePlan:
     population, caveats = rc.num_clients, []
     denominator = float(expected)
     if p.noise_cohort_size is not None:
-        # Calibrate for a deployment whose cohort is noise_cohort_size at the same sampling rate.
+        # Divide the noised sum by a larger cohort: the noise per coordinate of the average is a
+        # deployment's with cohorts of noise_cohort_size; the sum, its noise and the sampling are this
+        # run's, so the accounting (and the epsilon) is this run's too.
         denominator = float(p.noise_cohort_size)
-        population = max(int(round(p.noise_cohort_size / q)), p.noise_cohort_size)
         caveats.append(
-            f"noise_cohort_size={p.noise_cohort_size}: noise is calibrated for cohorts of {p.noise_cohort_size} "
-            f"(population {population} at q={q:.4g}); the epsilon holds only for a deployment at that scale, not "
-            f"for this simulation of {rc.num_clients} clients with cohorts of {expected}"
+            f"noise_cohort_size={p.noise_cohort_size}: the noised sum is divided by {p.noise_cohort_size} instead of "
+            f"the expected cohort {expected}, so the noise on the average is that of a deployment with cohorts of "
+            f"{p.noise_cohort_size} while the update is scaled by {expected}/{p.noise_cohort_size}; the epsilon holds "
+            f"for this run as simulated (same sum, same noise z*C, same sampling); what does not carry over to such a "
+            f"deployment is the accuracy"
         )
-    sample_size = int(denominator) if rc.sampling == "fixed" else None
+    sample_size = int(expected) if rc.sampling == "fixed" else None
 
     if p.delta is None:
         delta, delta_rule = default_delta(population), f"delta = min(1e-5, 1/N^1.1) with N={population}"
@@ -180,8 +181,13 @@ def make_noise_plan(rc: RunConfig) -> NoisePlan:
         raise ConfigError(f"config key 'privacy.delta': {exc}") from None
 
     accountant = "rdp" if rc.sampling == "fixed" else p.accountant
-    if rc.sampling == "fixed" and p.accountant == "pld":
-        caveats.append("fixed-size sampling is accounted with RDP (dp-accounting's PLD has no sampling without replacement)")
+    if rc.sampling == "fixed":
+        caveats.append(
+            "fixed-size sampling (exactly m of N clients without replacement) is accounted with RDP under the "
+            "replace-one relation (one client's data replaced by another's; the number of clients is public), the "
+            "only relation dp-accounting supports for sampling without replacement"
+            + ("; PLD has no such event, so privacy.accountant=pld is not used" if p.accountant == "pld" else "")
+        )
     shape = schedule_shape(rc)
     if p.noise_multiplier is None and p.target_epsilon is not None and math.isinf(p.target_epsilon):
         # epsilon = inf: clipping and the unweighted estimator, no noise (the reference point of a sweep).
@@ -214,7 +220,7 @@ def make_noise_plan(rc: RunConfig) -> NoisePlan:
         raise ConfigError("config key 'privacy': central DP needs privacy.target_epsilon or privacy.noise_multiplier")
     if any(not math.isfinite(z) or z < 0 for z in multipliers) or (0.0 in multipliers and max(multipliers) > 0):
         raise ConfigError("config key 'privacy': the schedule gives a non-positive noise multiplier")
-    return NoisePlan(
+    plan = NoisePlan(
         noise_multipliers=multipliers,
         sampling=rc.sampling,
         sampling_rate=q,
@@ -228,6 +234,14 @@ def make_noise_plan(rc: RunConfig) -> NoisePlan:
         delta_rule=delta_rule,
         caveats=caveats,
     )
+    if not calibrated and p.target_epsilon is not None and math.isfinite(p.target_epsilon):
+        first = plan_epsilons(plan)[0]
+        if first > p.target_epsilon:  # the run would stop before its first round
+            raise ConfigError(
+                f"config key 'privacy.target_epsilon': {p.target_epsilon:g} is spent before round 1: one round at "
+                f"noise_multiplier {multipliers[0]:g} already costs epsilon {first:.3g}; raise the noise or the budget"
+            )
+    return plan
 
 
 def plan_epsilons(plan: NoisePlan) -> list[float]:

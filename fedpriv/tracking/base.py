@@ -6,9 +6,13 @@ from typing import Any, Protocol
 
 
 class Tracker(Protocol):
+    """``log_round`` gets the round's published record and, apart, its operator-only diagnostics
+    (:mod:`fedpriv.privacy.disclosure`); a tracker that publishes must not pass the latter on
+    unless the user opted in."""
+
     def start(self, config: dict[str, Any], resumed: bool) -> None: ...
 
-    def log_round(self, record: dict[str, Any]) -> None: ...
+    def log_round(self, record: dict[str, Any], operator: dict[str, Any] | None = None) -> None: ...
 
     def log_summary(self, summary: dict[str, Any]) -> None: ...
 
@@ -25,9 +29,9 @@ class Trackers:
         for t in self.trackers:
             t.start(config, resumed)
 
-    def log_round(self, record: dict[str, Any]) -> None:
+    def log_round(self, record: dict[str, Any], operator: dict[str, Any] | None = None) -> None:
         for t in self.trackers:
-            t.log_round(record)
+            t.log_round(record, operator)
 
     def log_summary(self, summary: dict[str, Any]) -> None:
         for t in self.trackers:

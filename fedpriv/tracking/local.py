@@ -1,65 +1,49 @@
-"""Local files in the run folder: metrics.jsonl (one JSON object per round) and summary.json."""
+"""Local files in the run folder: metrics.jsonl (published, one line per round), the operator's
+diagnostics file, and summary.json. The formats belong to :mod:`fedpriv.run_folder`."""
 
 from __future__ import annotations
 
-import json
-import math
 from pathlib import Path
 from typing import Any
 
+from fedpriv import run_folder
+from fedpriv.run_folder import read_metrics, read_summary
 
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, float) and not math.isfinite(value):
-        return None if math.isnan(value) else ("inf" if value > 0 else "-inf")
-    if isinstance(value, dict):
-        return {k: _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if hasattr(value, "item"):
-        return _jsonable(value.item())
-    return value
+__all__ = ["LocalFiles", "read_metrics", "read_summary"]
 
 
 class LocalFiles:
-    """Appends each round to ``metrics.jsonl``; writes ``summary.json`` at the end.
+    """Appends each round's published record to ``metrics.jsonl`` and its operator-only part to
+    ``operator_only/diagnostics.jsonl``; writes ``summary.json`` at the end.
 
-    On resume, rounds after the checkpoint's round are dropped from ``metrics.jsonl`` first,
-    so a round is never listed twice.
+    On resume, lines after the checkpoint's round are dropped from both first, so a round is
+    never listed twice.
     """
 
     def __init__(self, run_dir: str | Path):
         self.run_dir = Path(run_dir)
-        self.metrics_path = self.run_dir / "metrics.jsonl"
-        self.summary_path = self.run_dir / "summary.json"
+        self.metrics_path = self.run_dir / run_folder.METRICS
+        self.diagnostics_path = self.run_dir / run_folder.DIAGNOSTICS
+        self.summary_path = self.run_dir / run_folder.SUMMARY
 
     def start(self, config: dict[str, Any], resumed: bool) -> None:
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        if not resumed and self.metrics_path.exists():
-            self.metrics_path.unlink()
+        if not resumed:
+            for path in (self.metrics_path, self.diagnostics_path):
+                if path.exists():
+                    path.unlink()
 
     def truncate_after(self, last_round: int) -> None:
-        if not self.metrics_path.exists():
-            return
-        kept = [r for r in read_metrics(self.run_dir) if r.get("round", 0) <= last_round]
-        self.metrics_path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        for path in (self.metrics_path, self.diagnostics_path):
+            run_folder.keep_rounds_up_to(path, last_round)
 
-    def log_round(self, record: dict[str, Any]) -> None:
-        with self.metrics_path.open("a") as f:
-            f.write(json.dumps(_jsonable(record)) + "\n")
+    def log_round(self, record: dict[str, Any], operator: dict[str, Any] | None = None) -> None:
+        run_folder.append_jsonl(self.metrics_path, record)
+        if operator:
+            run_folder.append_jsonl(self.diagnostics_path, operator)
 
     def log_summary(self, summary: dict[str, Any]) -> None:
-        self.summary_path.write_text(json.dumps(_jsonable(summary), indent=2) + "\n")
+        run_folder.write_json(self.summary_path, summary)
 
     def finish(self) -> None:
         pass
-
-
-def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
-    path = Path(run_dir) / "metrics.jsonl"
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
-def read_summary(run_dir: str | Path) -> dict[str, Any]:
-    return json.loads((Path(run_dir) / "summary.json").read_text())

@@ -186,7 +186,9 @@ class RoundProgress:
             except Exception:  # noqa: BLE001
                 self.use_bar, self.use_lines = False, True
 
-    def log_round(self, record: dict[str, Any]) -> None:
+    def log_round(self, record: dict[str, Any], operator: dict[str, Any] | None = None) -> None:
+        """The console is the operator's: it shows the operator-only counts too."""
+        record = {**record, **(operator or {})}
         rnd = int(record.get("round", 0))
         if self.use_bar:
             try:

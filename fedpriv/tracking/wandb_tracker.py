@@ -304,11 +304,16 @@ class WandbTracker:
             self._warn("init", exc)
             return None
 
-    def log_round(self, record: dict[str, Any]) -> None:
+    def log_round(self, record: dict[str, Any], operator: dict[str, Any] | None = None) -> None:
+        """Published figures; operator-only diagnostics only with tracking.operator_diagnostics=true
+        (under ``operator/``), since a wandb project is usually shared."""
         if self.run is None:
             return
+        data = dict(record)
+        if operator and self.tc.operator_diagnostics:
+            data.update({f"operator/{k}": v for k, v in operator.items() if k != "round"})
         try:
-            self.run.log(_jsonable(dict(record)), step=int(record["round"]))
+            self.run.log(_jsonable(data), step=int(record["round"]))
         except Exception as exc:  # noqa: BLE001
             self._warn("log", exc)
 
