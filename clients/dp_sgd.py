@@ -47,6 +47,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from fedpriv.client_state import ClientStateStore
 from fedpriv.config import LocalPrivacyConfig, RunConfig
+from fedpriv.errors import ClientError
 from fedpriv.privacy import schedules
 from fedpriv.privacy.ledger import PrivacyLedger
 from fedpriv.privacy.plan import schedule_shape
@@ -58,7 +59,7 @@ STATE_PREFIX = "ledger-"
 _STATE_VERSION = 2
 
 
-class DPSGDError(RuntimeError):
+class DPSGDError(ClientError):
     """A model or a setting Opacus cannot train privately (reported as the client's error)."""
 
 

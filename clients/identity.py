@@ -17,8 +17,10 @@ import hashlib
 from pathlib import Path
 from typing import Any
 
+from fedpriv.errors import ClientError
 
-class ClientIdentityError(ValueError):
+
+class ClientIdentityError(ClientError, ValueError):
     """A SuperNode that names nothing stable to key its ledger by."""
 
 

@@ -30,12 +30,14 @@ import re
 from pathlib import Path
 from typing import Any
 
+from fedpriv.errors import ClientError
+
 DEFAULT_STATE_DIR = Path.home() / ".fedpriv" / "client-state"
 STATE_DIR_ENV = "FEDPRIV_CLIENT_STATE"
 _SAFE = re.compile(r"[^A-Za-z0-9_.-]")
 
 
-class ClientStateError(RuntimeError):
+class ClientStateError(ClientError):
     """A client's state file that cannot be read or written: the client must not train blind."""
 
 

@@ -15,16 +15,16 @@ from typing import Any, Optional
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from fedpriv.errors import ConfigError
+
+__all__ = ["ConfigError", "RunConfig", "parse_config", "check_config", "to_dict", "from_dict"]
+
 DATASETS = ("digits", "fashion_mnist", "cifar10", "heart_disease", "shakespeare")
 PARTITIONS = ("iid", "dirichlet", "pathological", "shard", "natural")
 STRATEGIES = ("fedavg", "fedavgm", "fedadam", "fedprox")
 SAMPLINGS = ("poisson", "fixed", "all")
 PRIVACY_MODES = ("none", "central", "local", "central_local")
 SCHEDULES = ("constant", "linear", "cosine", "step", "phases")
-
-
-class ConfigError(ValueError):
-    """A user error in the configuration; its message is one line naming the key."""
 
 
 @dataclass

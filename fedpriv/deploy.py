@@ -43,6 +43,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Optional
 
+from fedpriv.errors import UserError
+
 PROJECT = Path(__file__).resolve().parents[1]
 DEFAULT_SESSIONS = PROJECT / "outputs" / "deploy"
 CONNECTION = "fedpriv-local"
@@ -52,7 +54,7 @@ HOST = "127.0.0.1"
 Echo = Callable[[str], None]
 
 
-class DeployError(Exception):
+class DeployError(UserError):
     """A problem the user can act on; printed as one line."""
 
 

@@ -12,10 +12,7 @@ import sys
 from typing import Any
 
 from fedpriv.config import ConfigError, RunConfig, parse_config
-
-
-class UserError(Exception):
-    """Anything the user can fix; printed as one line."""
+from fedpriv.errors import UserError
 
 
 def preflight(rc: RunConfig) -> None:

@@ -33,7 +33,8 @@ from typing import Any
 
 import torch
 
-from fedpriv.config import ConfigError, RunConfig, to_dict
+from fedpriv.config import RunConfig, to_dict
+from fedpriv.errors import RunFolderError
 
 log = logging.getLogger("fedpriv")
 
@@ -51,10 +52,6 @@ SIMULATED_CLIENT_STATE = f"{OPERATOR_DIR}/simulated_client_state"
 RUN_OUTPUTS = (METRICS, SUMMARY, PRIVACY, MODEL, CHECKPOINT, OPERATOR_DIR)
 # Keys whose change does not change what a resumed run computes.
 RESUME_FREE_KEYS = ("resume", "run_dir", "tracking", "round_timeout", "placement")
-
-
-class RunFolderError(ConfigError):
-    """A run folder that cannot be used as asked; one line naming the folder and why."""
 
 
 def jsonable(value: Any) -> Any:

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from fedpriv.config import RunConfig, from_dict, to_dict
+from fedpriv.errors import ClientError
 from fedpriv.data import FederatedDataset, client_split, load_dataset, partition_indices
 from fedpriv.models import build_model
 
@@ -29,7 +30,7 @@ class ClientData:
     y_val: np.ndarray
 
 
-class EmptyPartition(RuntimeError):
+class EmptyPartition(ClientError):
     """A client with no training rows: reported in the round's metrics, not a crash."""
 
 

@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import numpy as np
 
+from fedpriv.errors import UserError
+
 Arrays = dict[str, np.ndarray]
 
 
-class IntegerBufferError(ValueError):
+class IntegerBufferError(UserError):
     """The model holds integer arrays, which differential privacy here cannot cover."""
 
 

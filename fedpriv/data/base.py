@@ -6,14 +6,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from fedpriv.errors import DataError  # one line naming the file, or every place searched
+
+__all__ = ["DataError", "FederatedDataset", "TASKS"]
+
 TASKS = ("image", "tabular", "next_char")
-
-
-class DataError(Exception):
-    """A data set could not be found, read or validated.
-
-    Messages are one line and name the file, or every place that was searched.
-    """
 
 
 @dataclass(frozen=True, eq=False)

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
+from fedpriv.errors import FedprivError
+
 from .ledger import PrivacyLedger
 
 
-class BudgetExceeded(RuntimeError):
+class BudgetExceeded(FedprivError, RuntimeError):
     """Raised instead of making a release that would exceed the budget."""
 
     def __init__(self, epsilon: float, target_epsilon: float, delta: float) -> None:
