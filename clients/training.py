@@ -1,4 +1,4 @@
-"""Plain local training and evaluation (SGD, optional FedProx proximal term)."""
+"""Plain local training (SGD, optional FedProx proximal term); evaluation is :func:`fedpriv.task.evaluate`."""
 
 from __future__ import annotations
 
@@ -50,19 +50,3 @@ def train(
             total += float(loss.detach())
             steps += 1
     return {"train_loss": total / max(steps, 1), "num_examples": float(len(xt)), "steps": float(steps)}
-
-
-@torch.no_grad()
-def evaluate(model: nn.Module, x: np.ndarray, y: np.ndarray, *, batch_size: int = 1024, device: str = "cpu") -> tuple[float, float]:
-    """Mean cross-entropy and accuracy of ``model`` on (x, y)."""
-    if len(x) == 0:
-        return float("nan"), float("nan")
-    model.to(device).eval()
-    loss_sum, correct = 0.0, 0
-    for start in range(0, len(x), batch_size):
-        xb = torch.from_numpy(np.array(x[start : start + batch_size])).to(device)
-        yb = torch.from_numpy(np.array(y[start : start + batch_size])).long().to(device)
-        out = model(xb)
-        loss_sum += float(F.cross_entropy(out, yb, reduction="sum"))
-        correct += int((out.argmax(1) == yb).sum())
-    return loss_sum / len(x), correct / len(x)

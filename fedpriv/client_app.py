@@ -17,10 +17,9 @@ from flwr.clientapp import ClientApp
 
 from clients.identity import client_key
 from clients.local_update import run_local_update
-from clients.training import evaluate
 from fedpriv.client_state import ClientStateStore, node_state_dir
 from fedpriv.config import RunConfig
-from fedpriv.task import EmptyPartition, decode_config, load_client_data, new_model, pick_device
+from fedpriv.task import evaluate, EmptyPartition, decode_config, load_client_data, new_model, pick_device
 
 log = logging.getLogger("fedpriv.client")
 app = ClientApp()

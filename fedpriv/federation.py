@@ -18,15 +18,14 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
-from clients.training import evaluate
 from fedpriv.audit import attach_audit
 from fedpriv import run_folder, updates
 from fedpriv.config import RunConfig, to_dict
-from fedpriv.local_privacy import LocalPrivacyMonitor
+from fedpriv.privacy.local_monitor import LocalPrivacyMonitor
 from fedpriv.privacy.disclosure import annotate_report, published_round_keys, split_round
 from fedpriv.run_folder import check_run_folder
 from fedpriv.sampling import ClientSampler
-from fedpriv.task import dataset_for, encode_config, new_model, pick_device
+from fedpriv.task import evaluate, dataset_for, encode_config, new_model, pick_device
 from fedpriv.tracking import make_trackers
 from strategies import build_aggregator
 

@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from fedpriv.config import RunConfig, from_dict, to_dict
 from fedpriv.errors import ClientError
@@ -128,6 +129,22 @@ def new_model(rc: RunConfig) -> nn.Module:
         width=rc.model.width,
         seed=rc.seed,
     )
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, x: np.ndarray, y: np.ndarray, *, batch_size: int = 1024, device: str = "cpu") -> tuple[float, float]:
+    """Mean cross-entropy and accuracy of ``model`` on (x, y)."""
+    if len(x) == 0:
+        return float("nan"), float("nan")
+    model.to(device).eval()
+    loss_sum, correct = 0.0, 0
+    for start in range(0, len(x), batch_size):
+        xb = torch.from_numpy(np.array(x[start : start + batch_size])).to(device)
+        yb = torch.from_numpy(np.array(y[start : start + batch_size])).long().to(device)
+        out = model(xb)
+        loss_sum += float(F.cross_entropy(out, yb, reduction="sum"))
+        correct += int((out.argmax(1) == yb).sum())
+    return loss_sum / len(x), correct / len(x)
 
 
 def training_generator(seed: int, server_round: int, client_id: int) -> torch.Generator:

@@ -21,12 +21,13 @@ from flwr.app import ConfigRecord, Context, RecordDict
 from torch import nn
 from torch.nn import functional as F
 
-from clients import dp_sgd
-from clients.dp_sgd import DPSGDError, dp_sgd_round, make_dp_compatible, sampling_plan, train_dp_sgd
+from clients.dp_sgd import DPSGDError, make_dp_compatible, train_dp_sgd
+from fedpriv.privacy import local as dp_sgd  # the client's plan, ledger and budget (no Opacus)
+from fedpriv.privacy.local import sampling_plan
 from clients.local_update import run_local_update
 from fedpriv.client_state import ClientStateStore
 from fedpriv.compose import compose_config
-from fedpriv.local_privacy import LocalPrivacyMonitor
+from fedpriv.privacy.local_monitor import LocalPrivacyMonitor
 from fedpriv.models import LogisticRegression, SmallCNN
 from fedpriv.task import ClientData
 

@@ -17,7 +17,7 @@ from dp_accounting import dp_event
 from dp_accounting.rdp import rdp_privacy_accountant
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 
-from clients.dp_sgd import sampling_plan
+from fedpriv.privacy.local import sampling_plan
 from clients.identity import ClientIdentityError, client_key
 from conftest import InProcessGrid
 from fedpriv import run_folder
@@ -110,9 +110,6 @@ def test_a_restarted_supernode_continues_its_ledger_and_keeps_refusing(tmp_path)
     of its position among the connected nodes (another node dropped out) change nothing."""
     import fedpriv.client_app as client_app
 
-    rc = compose_config(["client_mode=nodes", "num_clients=2", "clients_per_round=2", "sampling=all", "privacy=local",
-                         "privacy.local.noise_multiplier=1.0", "privacy.accountant=rdp", "train.batch_size=64",
-                         "privacy.local.target_epsilon=null", *QUIET])
     owner = tmp_path / "owner.npz"
     rng = np.random.default_rng(0)
     np.savez(owner, x_train=rng.normal(size=(256, 64)).astype(np.float32), y_train=rng.integers(0, 10, 256))
@@ -123,7 +120,6 @@ def test_a_restarted_supernode_continues_its_ledger_and_keeps_refusing(tmp_path)
     rc_budget = compose_config(["client_mode=nodes", "num_clients=2", "clients_per_round=2", "sampling=all",
                                 "privacy=local", "privacy.local.noise_multiplier=1.0", "privacy.accountant=rdp",
                                 "train.batch_size=64", f"privacy.local.target_epsilon={budget}", *QUIET])
-    del rc
 
     first = client_app.train_handler(_node_message(rc_budget, 1, position=1), _fresh_node(node_config))
     assert not first.has_error(), first.error.reason if first.has_error() else ""
@@ -217,7 +213,7 @@ def test_split_round_publishes_by_the_allow_list(mode, public):
 
 
 def test_central_local_keeps_the_client_table_for_the_operator(tmp_path):
-    both = ["num_clients=4", "clients_per_round=2", "num_rounds=2", "privacy=central_local", "privacy.target_epsilon=5",
+    both = ["num_clients=4", "clients_per_round=4", "sampling=all", "num_rounds=2", "privacy=central_local", "privacy.target_epsilon=5",
             "privacy.local.target_epsilon=20", "train.batch_size=64", "privacy.local.grad_sample_mode=hooks", *QUIET]
     summary = run_federation(InProcessGrid(2), compose_config(both + [f"run_dir={tmp_path}"]))
     report = json.loads((tmp_path / "privacy.json").read_text())

@@ -34,6 +34,8 @@ from typing import Any, Iterable
 
 from fedpriv.config import RunConfig
 
+from .ledger import PrivacyLedger
+
 # Per-reply keys that Flower's metric averaging turns into meaningless averages (declined replies
 # are never aggregated, so "declined" would always average to 0; clients_declined counts them).
 _UNAVERAGEABLE = ("local_rounds", "local_epsilon", "declined", "local_steps", "local_noise_multiplier",
@@ -125,8 +127,6 @@ class LocalPrivacyMonitor:
 
     def _recomputed(self, e: ClientEntry) -> float:
         """Epsilon of the releases the server saw (a lower bound on the client's true spend)."""
-        from fedpriv.privacy.ledger import PrivacyLedger
-
         ledger = PrivacyLedger()
         for z, q, steps in e.releases:
             if steps > 0:
