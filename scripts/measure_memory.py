@@ -16,37 +16,9 @@ import sys
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-def _children() -> dict[int, list[int]]:
-    tree: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            text = stat.read_text()
-        except OSError:
-            continue
-        pid = int(stat.parent.name)
-        ppid = int(text.rsplit(")", 1)[1].split()[1])
-        tree.setdefault(ppid, []).append(pid)
-    return tree
-
-
-def _descendants(root: int) -> list[int]:
-    tree, out, todo = _children(), [], [root]
-    while todo:
-        pid = todo.pop()
-        out.append(pid)
-        todo.extend(tree.get(pid, []))
-    return out
-
-
-def _kib(pid: int, field: str, filename: str) -> int:
-    try:
-        for line in Path(f"/proc/{pid}/{filename}").read_text().splitlines():
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    except OSError:
-        pass
-    return 0
+from fedpriv.proctree import pss_kib, rss_kib, subtree  # noqa: E402
 
 
 def main() -> int:
@@ -61,9 +33,9 @@ def main() -> int:
     proc = subprocess.Popen(command)
     peak_rss = peak_pss = 0
     while proc.poll() is None:
-        pids = _descendants(proc.pid)
-        peak_rss = max(peak_rss, sum(_kib(p, "VmRSS", "status") for p in pids))
-        peak_pss = max(peak_pss, sum(_kib(p, "Pss", "smaps_rollup") for p in pids))
+        pids = subtree(proc.pid)
+        peak_rss = max(peak_rss, sum(rss_kib(p) for p in pids))
+        peak_pss = max(peak_pss, sum(pss_kib(p) for p in pids))
         time.sleep(args.interval)
     wall = time.time() - start
     print(

@@ -6,6 +6,7 @@ import io
 import json
 import os
 import shlex
+import subprocess
 import sys
 import time
 import zipfile
@@ -97,9 +98,9 @@ def test_fault_syntax():
 
 def test_session_folder_inside_the_project_must_be_ignored(tmp_path):
     with pytest.raises(deploy.DeployError, match="app bundle"):
-        deploy._check_outside_fab(ROOT / "deploy-logs" / "x")
-    deploy._check_outside_fab(ROOT / "outputs" / "deploy" / "x")
-    deploy._check_outside_fab(tmp_path)
+        deploy.check_outside_fab(ROOT / "deploy-logs" / "x")
+    deploy.check_outside_fab(ROOT / "outputs" / "deploy" / "x")
+    deploy.check_outside_fab(tmp_path)
 
 
 def test_the_app_bundle_carries_conf_and_the_three_packages():
@@ -124,6 +125,26 @@ def test_process_tree_is_stopped_even_after_its_root_exited(tmp_path):
     assert len(child) == 1
     owner.stop(grace=3)
     assert not any(deploy.pid_alive(p) for p in child | {proc.pid})
+
+
+def test_exit_hook_comes_with_the_first_process_and_stops_it(tmp_path):
+    """Importing the launcher registers nothing; a process an owner started is stopped at exit."""
+    script = (
+        "import os, sys\n"
+        "from pathlib import Path\n"
+        "from fedpriv import deploy\n"
+        "from fedpriv.deploy import processes\n"
+        "assert processes._OWNED == [], processes._OWNED\n"
+        "owner = deploy.Processes()\n"
+        "d = Path(sys.argv[1])\n"
+        "p = owner.start('sleeper', [sys.executable, '-c', 'import time; time.sleep(60)'], d / 's.log', dict(os.environ), d)\n"
+        "assert processes._OWNED == [owner]\n"
+        "print(p.pid, p.start, flush=True)\n"
+    )
+    res = subprocess.run([sys.executable, "-c", script, str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    pid, start = (int(x) for x in res.stdout.split())
+    assert not deploy.pid_alive(pid, start)
 
 
 # ------------------------------------------------------------------ slow: a real federation

@@ -1,0 +1,81 @@
+"""The run's configuration: the launcher's Hydra overrides, their preflight, ``--run-config``."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import tomli_w
+
+from fedpriv.compose import compose_config
+from fedpriv.config import ConfigError, RunConfig
+from fedpriv.deploy.common import DeployError
+from fedpriv.errors import UserError
+from fedpriv.launch import preflight
+
+
+def run_config_args(overrides: str, scratch: Path) -> list[str]:
+    """``--run-config`` for ``overrides="<hydra overrides>"``.
+
+    ``flwr run`` splits ``--run-config`` on ``key=value`` pairs whose value may be quoted with
+    "..." or '...' (then parsed as TOML). Overrides containing both quote kinds go through a
+    TOML file instead.
+    """
+    if '"' not in overrides and "\\" not in overrides:
+        return ["--run-config", f'overrides="{overrides}"']
+    if "'" not in overrides:
+        return ["--run-config", f"overrides='{overrides}'"]
+    path = scratch / "run-config.toml"
+    path.write_text(tomli_w.dumps({"overrides": overrides}))
+    return ["--run-config", str(path)]
+
+
+def _override_keys(overrides: list[str]) -> set[str]:
+    keys = set()
+    for o in overrides:
+        key = o.split("=", 1)[0].lstrip("+~")
+        keys.add(key)
+    return keys
+
+
+def deployment_overrides(user: list[str], num_nodes: int, run_dir: Path) -> list[str]:
+    """The launcher's overrides (one client per node, the run folder) followed by the user's."""
+    keys = _override_keys(user)
+    mine = ["client_mode=nodes", f"num_clients={num_nodes}"]
+    if "clients_per_round" not in keys:
+        mine.append(f"clients_per_round={num_nodes}")
+    if "run_dir" not in keys:
+        mine.append(f"run_dir={run_dir}")
+    out = []
+    for o in user:
+        key = o.split("=", 1)[0].lstrip("+~")
+        if key == "run_dir" and "=" in o:
+            o = f"run_dir={Path(o.split('=', 1)[1]).expanduser().resolve()}"
+        out.append(o)
+    return [o for o in mine if o.split("=", 1)[0] not in keys] + out
+
+
+def compose(overrides: list[str]) -> RunConfig:
+    """``conf/`` composed with ``overrides``; a bad override is a one-line :class:`DeployError`."""
+    try:
+        return compose_config(overrides)
+    except ConfigError as exc:
+        raise DeployError(f"configuration: {exc}") from None
+
+
+def check_overrides(overrides: list[str], num_nodes: int) -> RunConfig:
+    """Compose and preflight the configuration here, before anything starts (one-line errors)."""
+    rc = compose(overrides)
+    if rc.client_mode != "nodes":
+        raise DeployError("client_mode must be nodes under the deployment launcher (one SuperNode = one client)")
+    if rc.num_clients != num_nodes:
+        raise DeployError(f"num_clients={rc.num_clients} but the federation has {num_nodes} SuperNodes: one SuperNode is one client")
+    import flwr  # noqa: F401 - sets its logger's level on import; ours must come after
+
+    logging.getLogger("flwr").setLevel(logging.ERROR)  # strategy warnings belong to the run's log
+    try:
+        preflight(rc)  # data present, model builds, privacy plan feasible
+    except (ConfigError, UserError, ValueError) as exc:
+        raise DeployError(f"configuration: {exc}") from None
+    return rc
+
