@@ -1,0 +1,34 @@
+"""Compare finished runs: a table of what differs and how they did, and privacy-utility plots.
+
+Modules: record (Run), runs (finding, loading), table (differing keys, names), plots, report (HTML), cli."""
+
+from fedpriv.compare.cli import default_out_dir, main
+from fedpriv.compare.plots import PLOT_NAMES, draw_plots, pareto_front, plot_accuracy, plot_epsilon, plot_frontier
+from fedpriv.compare.record import Run, as_float
+from fedpriv.compare.report import write_html
+from fedpriv.compare.runs import find_runs, is_run_folder, load_fedpriv_run, load_wandb_offline_run
+# The table() function stays in fedpriv.compare.table: re-exported here it would shadow that module.
+from fedpriv.compare.table import IGNORED_KEY_PREFIXES, differing_keys, format_table, label_runs, natural_key
+
+__all__ = [
+    "IGNORED_KEY_PREFIXES",
+    "PLOT_NAMES",
+    "Run",
+    "as_float",
+    "default_out_dir",
+    "differing_keys",
+    "draw_plots",
+    "find_runs",
+    "format_table",
+    "is_run_folder",
+    "label_runs",
+    "load_fedpriv_run",
+    "load_wandb_offline_run",
+    "main",
+    "natural_key",
+    "pareto_front",
+    "plot_accuracy",
+    "plot_epsilon",
+    "plot_frontier",
+    "write_html",
+]
