@@ -19,7 +19,7 @@ from clients.identity import client_key
 from clients.local_update import run_local_update
 from fedpriv.client_state import ClientStateStore, node_state_dir
 from fedpriv.config import RunConfig
-from fedpriv.task import evaluate, EmptyPartition, decode_config, load_client_data, new_model, pick_device
+from fedpriv.task import EmptyPartition, decode_config, load_client_data, new_model
 
 log = logging.getLogger("fedpriv.client")
 app = ClientApp()
@@ -66,17 +66,4 @@ def train_handler(msg: Message, context: Context) -> Message:
         return _error_reply(msg, ERROR_EMPTY, f"empty: {exc}")
     except Exception as exc:  # noqa: BLE001 - any client fault is reported, never raised into the engine
         log.warning("client failed: %s", traceback.format_exc())
-        return _error_reply(msg, ERROR_CLIENT, f"{type(exc).__name__}: {exc}")
-
-
-@app.evaluate()
-def evaluate_handler(msg: Message, context: Context) -> Message:
-    try:
-        rc, cfg, data, model = _setup(msg, context)
-        loss, acc = evaluate(model, data.x_val, data.y_val, device=pick_device(rc.device))
-        metrics = {"val_loss": loss, "val_accuracy": acc, "num-examples": float(len(data.x_val))}
-        return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
-    except EmptyPartition as exc:
-        return _error_reply(msg, ERROR_EMPTY, f"empty: {exc}")
-    except Exception as exc:  # noqa: BLE001
         return _error_reply(msg, ERROR_CLIENT, f"{type(exc).__name__}: {exc}")

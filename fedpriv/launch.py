@@ -7,49 +7,17 @@ GPU) stops here, before Ray starts, with one line on stderr and exit code 2.
 from __future__ import annotations
 
 import math
-import os
 import sys
 from typing import Any
 
 from fedpriv.config import ConfigError, RunConfig, parse_config
 from fedpriv.errors import UserError
+from fedpriv.logs import configure_logging
+from fedpriv.preflight import preflight
+from fedpriv.simulation import run_simulation, write_config
+from fedpriv.tracking.sweep import apply_sweep_context
 
-
-def preflight(rc: RunConfig) -> None:
-    """Checks that need more than the schema: data present and readable, placement, privacy plan."""
-    from fedpriv.data import DataError
-    from fedpriv.run_folder import check_run_folder
-    from fedpriv.simulation import check_placement
-    from fedpriv.task import dataset_for, new_model
-    from strategies import build_aggregator
-
-    check_run_folder(rc)  # a wrong resume or a folder holding another run: refused, folder untouched
-    check_placement(rc.placement)
-    try:
-        ds = dataset_for(rc)
-    except DataError as exc:
-        raise UserError(f"data: {exc}") from None
-    if rc.partition.scheme == "natural" and ds.natural_ids is None:
-        raise ConfigError(f"config key 'partition.scheme': natural needs a data set with natural clients; {rc.dataset.name} has none")
-    try:
-        new_model(rc)
-    except ValueError as exc:
-        raise ConfigError(f"config key 'model.name': {exc}") from None
-    build_aggregator(rc)  # builds the privacy plan: an impossible budget fails here
-
-
-def quiet_libraries() -> None:
-    """Flower's deprecation notices and per-round INFO lines, and alembic's start-up chatter, hide
-    fedpriv's own lines; keep their warnings that matter (errors) only."""
-    import logging
-    import warnings
-
-    import flwr.common.logger  # noqa: F401  (its import sets the "flwr" logger to DEBUG: import it first)
-
-    logging.getLogger("flwr").setLevel(logging.ERROR)
-    logging.getLogger("alembic").setLevel(logging.WARNING)
-    warnings.filterwarnings("ignore", category=FutureWarning, module="ray")
-    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+__all__ = ["fail", "final_report", "launch", "preflight"]
 
 
 def fail(message: str) -> None:
@@ -59,18 +27,16 @@ def fail(message: str) -> None:
 
 def launch(container: dict[str, Any], hydra_config: Any = None) -> float:
     """Validate, preflight and run; returns the final test accuracy (the value sweepers optimise)."""
-    from fedpriv.simulation import run_simulation, write_config
-
-    quiet_libraries()
+    configure_logging()
     try:
         rc = parse_config(container)
-        preflight(rc)
+        warnings = preflight(rc)
     except (ConfigError, UserError, ValueError) as exc:
         fail(str(exc))
         raise  # unreachable
+    for warning in warnings:
+        print(f"fedpriv: warning: {warning}", file=sys.stderr, flush=True)
     if hydra_config is not None:
-        from fedpriv.tracking.sweep import apply_sweep_context
-
         apply_sweep_context(rc, hydra_config)
     if not rc.resume:  # a resumed run keeps the config.yaml it started with
         write_config(rc)

@@ -7,7 +7,6 @@ Under the simulation launcher the configuration is handed over directly.
 
 from __future__ import annotations
 
-import logging
 import time
 from pathlib import Path
 
@@ -17,15 +16,7 @@ from flwr.serverapp import Grid, ServerApp
 from fedpriv.compose import compose_config
 from fedpriv.config import RunConfig
 from fedpriv.federation import run_federation
-
-
-def quiet_flower() -> None:
-    """Keep Flower's per-round INFO lines out of the way of fedpriv's own."""
-    logging.getLogger("flwr").setLevel(logging.WARNING)
-    # Under `flwr run` the ServerApp talks to the SuperLink over HTTP: one INFO line per request.
-    logging.getLogger("httpx").setLevel(logging.WARNING)
-    logging.getLogger("httpcore").setLevel(logging.WARNING)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+from fedpriv.logs import configure_logging
 
 
 def make_server_app(rc: RunConfig) -> ServerApp:
@@ -34,7 +25,6 @@ def make_server_app(rc: RunConfig) -> ServerApp:
 
     @server.main()
     def main(grid: Grid, context: Context) -> None:
-        quiet_flower()
         run_federation(grid, rc)
 
     return server
@@ -46,7 +36,7 @@ app = ServerApp()
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     """The deployment path: ``flwr run . <federation>``."""
-    quiet_flower()
+    configure_logging(flower_level="WARNING")
     overrides = str(context.run_config.get("overrides", ""))
     rc = compose_config(overrides)
     if rc.run_dir is None:

@@ -8,7 +8,11 @@ import os
 from pathlib import Path
 from typing import Any
 
+from flwr.simulation import run_simulation as flower_run_simulation
+
+from fedpriv.client_app import app as client_app
 from fedpriv.config import ConfigError, PlacementConfig, RunConfig, to_dict
+from fedpriv.server_app import make_server_app
 
 
 def visible_gpus() -> int:
@@ -80,11 +84,6 @@ def num_simulated_nodes(rc: RunConfig) -> int:
 
 def run_simulation(rc: RunConfig) -> dict[str, Any]:
     """Run ``rc`` on Flower's simulation engine; returns the summary the run wrote."""
-    from flwr.simulation import run_simulation as flower_run_simulation
-
-    from fedpriv.client_app import app as client_app
-    from fedpriv.server_app import make_server_app
-
     check_placement(rc.placement)
     assert rc.run_dir is not None
     run_dir = Path(rc.run_dir)

@@ -43,7 +43,7 @@ def drive(overrides: str, dim: int, rounds: int, noise_override: float | None = 
     rc = compose_config(overrides + " privacy=central privacy.target_epsilon=null privacy.secure_rng=false audit=central")
     agg = build_aggregator(rc)
     if noise_override is not None:
-        agg._noise_override = noise_override  # test-only hook: the noise actually drawn
+        agg.mechanism.noise_scale = noise_override  # the noise actually drawn (what audit.noise_scale sets)
     rec = to_record({"w": np.zeros(dim, np.float32)})
     for t in range(1, rounds + 1):
         agg.begin_round(t, rec, FakeGrid())
@@ -256,7 +256,7 @@ def test_audit_config_is_checked():
         compose_config("privacy=central audit=central audit.noise_scale=-1")
     assert compose_config("privacy=central audit=broken").audit.noise_scale == 0.1  # the preset composes over central
     plain = build_aggregator(compose_config("privacy=central privacy.noise_multiplier=1.0 privacy.target_epsilon=null"))
-    assert plain.audit is None and plain._noise_override == 1.0  # off by default
+    assert plain.audit is None and plain.mechanism.noise_scale == 1.0  # off by default
 
 
 def test_example_canaries_memorised_without_dp_are_found_and_untrained_model_finds_nothing():

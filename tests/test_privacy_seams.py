@@ -21,6 +21,7 @@ from fedpriv.privacy.local import sampling_plan
 from clients.identity import ClientIdentityError, client_key
 from conftest import InProcessGrid
 from fedpriv import run_folder
+from fedpriv.callbacks import Callback
 from fedpriv.compose import compose_config
 from fedpriv.config import ConfigError
 from fedpriv.federation import run_federation
@@ -43,8 +44,16 @@ def rdp_epsilon(z: float, q: float, steps: int, delta: float) -> float:
     return acc.get_epsilon(delta)
 
 
-def crash_after(monkeypatch, rnd: int) -> None:
-    monkeypatch.setenv("FEDPRIV_TEST_CRASH_AFTER_ROUND", str(rnd))
+class CrashAfter(Callback):
+    """The process dies once round ``rnd`` is recorded and published (a callback after the others)."""
+
+    def __init__(self, rnd: int):
+        self.rnd = rnd
+
+    def after_round(self, state, result):
+        if result.server_round == self.rnd:
+            raise RuntimeError(f"simulated crash after round {self.rnd}")
+        return False
 
 
 # ------------------------------------------------------------------ 1. local DP across a restart
@@ -59,17 +68,15 @@ def client_epsilons(run_dir) -> dict[str, float]:
     return {row["client_id"]: row["epsilon"] for row in report["local"]["clients"]}
 
 
-def test_local_ledgers_survive_a_restart_of_the_simulation(tmp_path, monkeypatch):
+def test_local_ledgers_survive_a_restart_of_the_simulation(tmp_path):
     """6 clients, every round, killed after round 3 of 4 and resumed on fresh nodes: the same
     per-client epsilons as the uninterrupted run, and as an independent accountant's."""
     whole = tmp_path / "whole"
     run_federation(InProcessGrid(3), compose_config(LOCAL + [f"run_dir={whole}"]))
 
     broken = tmp_path / "broken"
-    crash_after(monkeypatch, 3)
     with pytest.raises(RuntimeError, match="simulated crash after round 3"):
-        run_federation(InProcessGrid(3), compose_config(LOCAL + [f"run_dir={broken}"]))
-    monkeypatch.delenv("FEDPRIV_TEST_CRASH_AFTER_ROUND")
+        run_federation(InProcessGrid(3), compose_config(LOCAL + [f"run_dir={broken}"]), [CrashAfter(3)])
     summary = run_federation(InProcessGrid(3), compose_config(LOCAL + [f"run_dir={broken}", "resume=true"]))
 
     rc = compose_config(LOCAL)
@@ -364,12 +371,10 @@ def test_a_new_run_refuses_a_folder_that_holds_a_run(tmp_path):
         run_federation(InProcessGrid(2), compose_config(CENTRAL + [f"run_dir={run_dir}"]))
 
 
-def test_a_torn_last_metrics_line_does_not_block_resume(tmp_path, monkeypatch):
+def test_a_torn_last_metrics_line_does_not_block_resume(tmp_path):
     run_dir = tmp_path / "run"
-    crash_after(monkeypatch, 1)
     with pytest.raises(RuntimeError):
-        run_federation(InProcessGrid(2), compose_config(CENTRAL + [f"run_dir={run_dir}"]))
-    monkeypatch.delenv("FEDPRIV_TEST_CRASH_AFTER_ROUND")
+        run_federation(InProcessGrid(2), compose_config(CENTRAL + [f"run_dir={run_dir}"]), [CrashAfter(1)])
     with (run_dir / "metrics.jsonl").open("a") as f:
         f.write('{"round": 2, "test_acc')  # the process died mid-line
     summary = run_federation(InProcessGrid(2), compose_config(CENTRAL + [f"run_dir={run_dir}", "resume=true"]))

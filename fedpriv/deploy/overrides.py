@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 
 import tomli_w
@@ -11,7 +10,8 @@ from fedpriv.compose import compose_config
 from fedpriv.config import ConfigError, RunConfig
 from fedpriv.deploy.common import DeployError
 from fedpriv.errors import UserError
-from fedpriv.launch import preflight
+from fedpriv.logs import configure_logging
+from fedpriv.preflight import preflight
 
 
 def run_config_args(overrides: str, scratch: Path) -> list[str]:
@@ -70,12 +70,12 @@ def check_overrides(overrides: list[str], num_nodes: int) -> RunConfig:
         raise DeployError("client_mode must be nodes under the deployment launcher (one SuperNode = one client)")
     if rc.num_clients != num_nodes:
         raise DeployError(f"num_clients={rc.num_clients} but the federation has {num_nodes} SuperNodes: one SuperNode is one client")
-    import flwr  # noqa: F401 - sets its logger's level on import; ours must come after
-
-    logging.getLogger("flwr").setLevel(logging.ERROR)  # strategy warnings belong to the run's log
+    configure_logging()  # strategy warnings belong to the run's log
     try:
-        preflight(rc)  # data present, model builds, privacy plan feasible
+        warnings = preflight(rc)  # data present, model builds, privacy plan feasible
     except (ConfigError, UserError, ValueError) as exc:
         raise DeployError(f"configuration: {exc}") from None
+    for warning in warnings:
+        print(f"deploy: warning: {warning}", flush=True)
     return rc
 
