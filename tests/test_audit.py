@@ -1,4 +1,4 @@
-"""Privacy audit (issue 7): canary clients in a central-DP run, the one-shot estimate (Andrew et al.
+"""Privacy audit: canary clients in a central-DP run, the one-shot estimate (Andrew et al.
 2024), the Clopper-Pearson threshold bound, and Steinke et al.'s one-run bound.
 
 Statistics are checked against independent computations (closed forms, numerical integration,

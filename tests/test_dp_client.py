@@ -1,4 +1,4 @@
-"""Local DP-SGD clients (issue 4): Opacus training, per-client ledgers across rounds, budgets.
+"""Local DP-SGD clients: Opacus training, per-client ledgers across rounds, budgets.
 
 Every epsilon is checked against an accountant call made here, independently of the ledger code
 (dp-accounting's RDP and PLD accountants, Opacus's RDPAccountant), plus pinned literal figures.

@@ -1,4 +1,4 @@
-"""Privacy audits: what a run really leaks, beside the accountant's epsilon (issue 7).
+"""Privacy audits: what a run really leaks, beside the accountant's epsilon.
 
 * :mod:`fedpriv.audit.canaries` -- canary clients inserted into a central-DP run (user level);
 * :mod:`fedpriv.audit.one_shot` -- Andrew et al. (ICLR 2024): the one-shot epsilon estimate, and a

@@ -18,6 +18,8 @@ from typing import Any
 import numpy as np
 from scipy import stats
 
+from fedpriv.privacy import PrivacyLedger
+
 from .canaries import CanaryAudit
 from .one_run import one_run_audit
 from .one_shot import cosine_null_logsf, one_shot_estimate, threshold_lower_bound
@@ -30,8 +32,6 @@ _LOWER_BOUNDS = 2 * len(THREAT_MODELS)  # threshold + one-run bound per threat m
 
 def noise_drawn_epsilon(audit: CanaryAudit, delta: float) -> float:
     """Epsilon the accountant would give for the noise actually drawn (inf if a round had none)."""
-    from fedpriv.privacy import PrivacyLedger
-
     zs = audit.effective_multipliers()
     if not zs:
         return 0.0

@@ -15,7 +15,7 @@ from fedpriv.config import ConfigError, RunConfig
 
 from .budget import check_delta, default_delta
 from .ledger import PrivacyLedger
-from .schedules import NoiseSchedule, Shape, calibrate, constant, cosine, linear, phases, step
+from .schedules import NoiseSchedule, Phases, Shape, calibrate, constant, cosine, linear, phases, planned_epsilons, step
 
 
 @dataclass
@@ -246,8 +246,6 @@ def make_noise_plan(rc: RunConfig) -> NoisePlan:
 
 def plan_epsilons(plan: NoisePlan) -> list[float]:
     """Epsilon after each round if the run follows the plan (for "planned vs spent")."""
-    from .schedules import Phases, planned_epsilons
-
     if any(z == 0 for z in plan.noise_multipliers):  # target_epsilon=inf: no noise, no guarantee
         return [math.inf] * len(plan.noise_multipliers)
     schedule = NoiseSchedule(Phases(tuple((1, z) for z in plan.noise_multipliers)), len(plan.noise_multipliers))

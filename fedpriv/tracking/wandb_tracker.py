@@ -37,7 +37,9 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from fedpriv.config import to_dict
 from fedpriv.tracking.base import flatten_config
+from fedpriv.tracking.wandb_offline import wait_until_complete
 
 log = logging.getLogger("fedpriv.tracking")
 
@@ -239,8 +241,6 @@ class WandbTracker:
 
     def init_kwargs(self, config: dict[str, Any], resumed: bool, mode: str) -> dict[str, Any]:
         if not config:
-            from fedpriv.config import to_dict  # noqa: PLC0415
-
             config = to_dict(self.cfg)
         run_id, resuming = self._run_id(resumed)
         return {
@@ -357,8 +357,6 @@ class WandbTracker:
             # wandb-core writes the log's tail just after finish() returns; wait a moment (bounded)
             # so that whoever reads the offline run next (compare.py, a test) sees all of it.
             try:
-                from fedpriv.tracking.wandb_offline import wait_until_complete  # noqa: PLC0415
-
                 wait_until_complete(folder, timeout=5.0)
             except Exception:  # noqa: BLE001
                 pass
