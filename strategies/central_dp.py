@@ -65,21 +65,14 @@ class CentralDPAggregator:
                                              seed=rc.seed, hook=hook)
         return cls(inner, mechanism, clip_on=p.clip_on)
 
-    # Shortcuts the report, the audit and the tests read.
     @property
     def plan(self):
+        """The run's noise plan (the report and the preflight read it)."""
         return self.mechanism.plan
 
     @property
-    def clipping(self) -> ClippingState:
-        return self.mechanism.clipping
-
-    @property
-    def ledger(self):
-        return self.mechanism.ledger
-
-    @property
     def audit(self) -> Any:
+        """The canary audit hook, if the run has one (fedpriv.audit.attach_audit reads it)."""
         return self.mechanism.hook
 
     # -- the round ---------------------------------------------------------------------------

@@ -99,7 +99,7 @@ def _adaptive(norm: float, updates_norm: float, rounds: int = 6) -> list[float]:
     for t in range(1, rounds + 1):
         agg.begin_round(t, to_record(base), FakeGrid())
         agg.aggregate(t, to_record(base), [reply(upd) for _ in range(10)])
-        norms.append(agg.clipping.norm)
+        norms.append(agg.mechanism.clipping.norm)
     return norms
 
 
@@ -119,10 +119,10 @@ def test_adaptive_round_is_noised_with_the_norm_it_clipped_with():
     agg.begin_round(1, to_record(zeros), FakeGrid())
     upd = {"w": np.zeros(50_000, np.float32), "b": np.ones(8, np.float32)}  # norm 2.8 > 0.1: all clipped
     new, metrics = agg.aggregate(1, to_record(zeros), [reply(upd) for _ in range(10)])
-    sigma_b = agg.clipping.count_stddev
+    sigma_b = agg.mechanism.clipping.count_stddev
     assert sigma_b > 0.5  # E[m]/20 = 0.5 would leave no room for z=1: the default is raised
     z_update = (1.0 ** -2 - (2 * sigma_b) ** -2) ** -0.5
-    assert metrics["clip_norm"] == 0.1 and agg.clipping.norm > 0.1  # next round's norm moved
+    assert metrics["clip_norm"] == 0.1 and agg.mechanism.clipping.norm > 0.1  # next round's norm moved
     noise = new["w"].numpy().astype(np.float64)
     assert abs(noise.std() / (z_update * 0.1 / 10) - 1) < 0.03
 
