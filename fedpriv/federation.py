@@ -58,6 +58,8 @@ def run_federation(grid: Grid, rc: RunConfig, extra_callbacks: list[Callback] = 
     checkpoint = run_folder.check_run_folder(rc)  # refuses a wrong folder before anything is written
     run_dir = Path(str(rc.run_dir))
     run_dir.mkdir(parents=True, exist_ok=True)
+    if checkpoint is None:
+        run_folder.write_config(rc)
     state = RunState(rc, run_dir, run_id=uuid.uuid4().hex, arrays=ArrayRecord(new_model(rc).state_dict()))
     if checkpoint is not None:
         state.checkpoint = checkpoint

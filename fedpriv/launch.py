@@ -14,7 +14,7 @@ from fedpriv.config import ConfigError, RunConfig, parse_config
 from fedpriv.errors import UserError
 from fedpriv.logs import configure_logging
 from fedpriv.preflight import preflight
-from fedpriv.simulation import run_simulation, write_config
+from fedpriv.simulation import run_simulation
 from fedpriv.tracking.sweep import apply_sweep_context
 
 __all__ = ["fail", "final_report", "launch", "preflight"]
@@ -38,8 +38,6 @@ def launch(container: dict[str, Any], hydra_config: Any = None) -> float:
         print(f"fedpriv: warning: {warning}", file=sys.stderr, flush=True)
     if hydra_config is not None:
         apply_sweep_context(rc, hydra_config)
-    if not rc.resume:  # a resumed run keeps the config.yaml it started with
-        write_config(rc)
     summary = run_simulation(rc)
     print(final_report(summary, rc), flush=True)
     acc = summary.get("final_accuracy")

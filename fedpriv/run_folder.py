@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 
 from fedpriv.config import RunConfig, to_dict
 from fedpriv.errors import RunFolderError
@@ -200,6 +201,13 @@ def check_run_folder(rc: RunConfig) -> dict[str, Any] | None:
     if diffs:
         raise RunFolderError(f"cannot resume {run_dir}: these keys differ from the saved run: {', '.join(diffs)}")
     return checkpoint
+
+
+def write_config(rc: RunConfig) -> None:
+    """``config.yaml``: the whole configuration of a new run (a resumed run keeps its own)."""
+    path = Path(str(rc.run_dir)) / CONFIG
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(to_dict(rc), sort_keys=False))
 
 
 def simulated_client_state_dir(run_dir: str | Path) -> Path:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from pathlib import Path
@@ -10,8 +9,9 @@ from typing import Any
 
 from flwr.simulation import run_simulation as flower_run_simulation
 
+from fedpriv import run_folder
 from fedpriv.client_app import app as client_app
-from fedpriv.config import ConfigError, PlacementConfig, RunConfig, to_dict
+from fedpriv.config import ConfigError, PlacementConfig, RunConfig
 from fedpriv.server_app import make_server_app
 
 
@@ -88,8 +88,8 @@ def run_simulation(rc: RunConfig) -> dict[str, Any]:
     assert rc.run_dir is not None
     run_dir = Path(rc.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    summary_path = run_dir / "summary.json"
-    if summary_path.exists():
+    summary_path = run_dir / run_folder.SUMMARY
+    if summary_path.exists():  # a resumed run writes its summary again
         summary_path.unlink()
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     flower_run_simulation(
@@ -101,12 +101,4 @@ def run_simulation(rc: RunConfig) -> dict[str, Any]:
     )
     if not summary_path.exists():
         raise RuntimeError(f"the run stopped before writing {summary_path}; see the log above")
-    return json.loads(summary_path.read_text())
-
-
-def write_config(rc: RunConfig) -> None:
-    import yaml
-
-    assert rc.run_dir is not None
-    Path(rc.run_dir).mkdir(parents=True, exist_ok=True)
-    (Path(rc.run_dir) / "config.yaml").write_text(yaml.safe_dump(to_dict(rc), sort_keys=False))
+    return run_folder.read_summary(run_dir)

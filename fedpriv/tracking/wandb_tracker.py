@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from fedpriv import run_folder
 from fedpriv.config import to_dict
 from fedpriv.tracking.base import flatten_config
 from fedpriv.tracking.wandb_offline import wait_until_complete
@@ -334,7 +335,7 @@ class WandbTracker:
             meta = {k: _strict_json(v) for k, v in _jsonable(self._summary).items() if not isinstance(v, (dict, list))}
             artifact = self._wandb.Artifact(name=f"model-{self.run.id}", type="model", metadata=meta)
             artifact.add_file(str(model), name="model.pt")
-            config_file = self.run_dir / "config.yaml"
+            config_file = self.run_dir / run_folder.CONFIG
             if config_file.exists():
                 artifact.add_file(str(config_file), name="config.yaml")
             self.run.log_artifact(artifact)
