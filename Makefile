@@ -30,7 +30,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 run: $(STAMP)
-	$(PY) scripts/simulate.py +experiment=quickstart $(ARGS)
+	$(PY) scripts/simulate.py experiment=quickstart $(ARGS)
 
 test: $(STAMP)
 	$(PY) -m pytest -q $(ARGS)

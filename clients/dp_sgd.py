@@ -25,12 +25,11 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from fedpriv.client_state import ClientStateStore
 from fedpriv.config import LocalPrivacyConfig, RunConfig
+from fedpriv.config_schema import GRAD_SAMPLE_MODES  # Opacus's per-example gradient engines (re-exported)
 from fedpriv.errors import ClientError
 from fedpriv.privacy.local import commit_round, decide_round, sampling_plan
 
 log = logging.getLogger("fedpriv.client.dp_sgd")
-
-GRAD_SAMPLE_MODES = ("hooks", "functorch", "ew", "ghost")
 
 
 class DPSGDError(ClientError):

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from torch import nn
-
-MODEL_NAMES = ("auto", "logreg", "mlp", "cnn", "char_gru")
 
 
 class LogisticRegression(nn.Module):
@@ -112,27 +111,41 @@ def build_model(
     """Build a freshly initialised model, deterministic for ``seed``."""
     if name == "auto":
         name = default_model_for(task, input_shape)
+    builder = MODELS.get(name)
+    if builder is None:
+        raise ValueError(f"unknown model {name!r}; allowed: {', '.join(MODEL_NAMES)}")
+    input_dim = 1
+    for d in input_shape:
+        input_dim *= int(d)
     gen_state = torch.random.get_rng_state()
     torch.manual_seed(seed)
     try:
-        input_dim = 1
-        for d in input_shape:
-            input_dim *= int(d)
-        if name == "logreg":
-            return LogisticRegression(input_dim, num_classes)
-        if name == "mlp":
-            return MLP(input_dim, num_classes, hidden)
-        if name == "cnn":
-            if len(input_shape) != 3:
-                raise ValueError(f"model=cnn needs image inputs (C, H, W), got shape {tuple(input_shape)}")
-            return SmallCNN(int(input_shape[0]), int(input_shape[1]), num_classes, width=width)
-        if name == "char_gru":
-            if vocab_size is None:
-                raise ValueError("model=char_gru needs a data set with a vocabulary (shakespeare)")
-            return CharGRU(vocab_size, hidden=int(hidden[0]) if hidden else 128)
-        raise ValueError(f"unknown model {name!r}; allowed: {', '.join(MODEL_NAMES)}")
+        return builder(input_dim=input_dim, input_shape=tuple(input_shape), num_classes=num_classes,
+                       vocab_size=vocab_size, hidden=hidden, width=width)
     finally:
         torch.random.set_rng_state(gen_state)
+
+
+def _cnn(*, input_shape: tuple, num_classes: int, width: int, **_: Any) -> nn.Module:
+    if len(input_shape) != 3:
+        raise ValueError(f"model=cnn needs image inputs (C, H, W), got shape {tuple(input_shape)}")
+    return SmallCNN(int(input_shape[0]), int(input_shape[1]), num_classes, width=width)
+
+
+def _char_gru(*, vocab_size: int | None, hidden: Sequence[int], **_: Any) -> nn.Module:
+    if vocab_size is None:
+        raise ValueError("model=char_gru needs a data set with a vocabulary (shakespeare)")
+    return CharGRU(vocab_size, hidden=int(hidden[0]) if hidden else 128)
+
+
+# The registry: config model.name -> builder (keyword arguments as build_model passes them).
+MODELS: dict[str, Callable[..., nn.Module]] = {
+    "logreg": lambda *, input_dim, num_classes, **_: LogisticRegression(input_dim, num_classes),
+    "mlp": lambda *, input_dim, num_classes, hidden, **_: MLP(input_dim, num_classes, hidden),
+    "cnn": _cnn,
+    "char_gru": _char_gru,
+}
+MODEL_NAMES = ("auto", *MODELS)  # auto: default_model_for(task, input_shape)
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -51,6 +51,10 @@ def read_jsonl(path: Path) -> list[dict]:
     "overrides, env, expected",
     [
         (["+dataset.colour=red"], {}, "dataset.colour"),
+        (["dataset.colour=red"], {}, "config key 'dataset.colour': no such key"),  # Hydra's own error, one line
+        (["train.lr=inf"], {}, "config key 'train.lr': got inf"),
+        (["privacy=central", "privacy.mode=none"], {}, "contradicts privacy=central"),
+        (["data.root=NOWHERE"], {}, "config key 'data.root'"),  # an explicit folder that does not exist
         (["num_clients=5", "clients_per_round=9"], {}, "clients_per_round"),
         (["placement=gpu"], {"CUDA_VISIBLE_DEVICES": ""}, "placement"),
         (["dataset=fashion_mnist", "data.root=BROKEN"], {}, "train-images-idx3-ubyte"),

@@ -14,13 +14,14 @@ Importing this package is cheap: scikit-learn, Pillow, ``datasets`` and
 
 from .base import DataError, FederatedDataset
 from .partition import SCHEMES, client_split, describe_partition, partition_indices
-from .sources import DATASETS, load_dataset, resolve_data_root
+from .sources import DATASETS, check_data_root, load_dataset, resolve_data_root
 
 __all__ = [
     "DATASETS",
     "DataError",
     "FederatedDataset",
     "SCHEMES",
+    "check_data_root",
     "client_split",
     "describe_partition",
     "load_dataset",

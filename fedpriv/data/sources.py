@@ -2,7 +2,8 @@
 
 Where data comes from (first hit wins), see :func:`resolve_data_root`:
 
-1. the ``root`` argument (config ``data.root``),
+1. the ``root`` argument (config ``data.root``; a folder named there must exist, see
+   :func:`check_data_root`: it is never silently replaced by the folders below),
 2. ``$FEDPRIV_DATA``,
 3. ``<project>/../shared/data`` when that folder exists (the offline copies that
    tests and CI use),
@@ -37,6 +38,8 @@ from pathlib import Path, PurePosixPath
 from urllib.parse import urlparse
 
 import numpy as np
+
+from fedpriv.errors import ConfigError
 
 from . import shakespeare as shk
 from .base import DataError, FederatedDataset
@@ -94,6 +97,16 @@ def resolve_data_root(root: str | os.PathLike | None) -> list[Path]:
             seen.add(key)
             out.append(r)
     return out
+
+
+def check_data_root(root: str | os.PathLike | None) -> None:
+    """An explicit ``data.root`` must be an existing folder (a typo must not fall back to another copy)."""
+    if root is not None and not Path(root).expanduser().is_dir():
+        what = "is a file" if Path(root).expanduser().exists() else "does not exist"
+        raise ConfigError(
+            f"config key 'data.root': folder {root} {what}; allowed: an existing folder, or null "
+            f"(search ${DATA_ENV}, ../shared/data, {', '.join(map(str, SYSTEM_ROOTS))})"
+        )
 
 
 def _candidate_dirs(root: str | os.PathLike | None, subdir: str) -> list[Path]:
@@ -553,11 +566,12 @@ def load_dataset(name: str, root: str | os.PathLike | None = None) -> FederatedD
     """Load a data set by name; the same object comes back for the same inputs.
 
     The per-process memo is keyed by ``(name, root, $FEDPRIV_DATA, $FEDPRIV_CACHE)``.
-    Raises ``ValueError`` for an unknown name and :class:`DataError` when the data
-    cannot be found or read.
+    Raises ``ValueError`` for an unknown name, :class:`ConfigError` for a ``root`` that is
+    not a folder and :class:`DataError` when the data cannot be found or read.
     """
     if name not in LOADERS:
         raise ValueError(f"unknown data set {name!r}; choose one of {', '.join(DATASETS)}")
+    check_data_root(root)
     key = (
         name,
         None if root is None else os.path.abspath(os.path.expanduser(root)),

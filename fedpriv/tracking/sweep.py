@@ -1,6 +1,6 @@
 """Hydra multirun context: the runs of one sweep share a group, and the swept keys become tags.
 
-``python scripts/simulate.py -m num_rounds=5 privacy.target_epsilon=1,4,16`` gives every job the
+``python scripts/simulate.py -m num_rounds=5 privacy=central privacy.target_epsilon=1,4,16`` gives every job the
 group ``multirun_<date>_<time>`` (from the sweep folder) and the tag of its own swept value, e.g.
 ``privacy.target_epsilon=4``. Which keys are swept is read from the sweep's ``multirun.yaml``
 (Hydra writes it before the first job starts, with the overrides as typed: ``...=1,4,16``) and from

@@ -1,0 +1,252 @@
+"""The typed schema of a run's configuration: one dataclass per config group, and their defaults.
+
+These dataclasses are the one source of truth for keys, types and default values. They are
+registered with Hydra's ConfigStore (:func:`register_schemas`): ``base_config`` types the root of
+``conf/config.yaml`` and ``<group>/base`` is the base of every option of a group (its YAML starts
+with ``defaults: [base, _self_]``), so a group's YAML file lists only what differs from here.
+
+Field metadata says which option reads a field (:func:`read_if`) and which field names the option
+(:data:`SELECTS`); :func:`fedpriv.config.check_config` refuses a value that the chosen option
+never reads, and :func:`fedpriv.compose.compose_config` a selector that contradicts the group.
+This module imports nothing of fedpriv's (no data, model or strategy code).
+"""
+
+from __future__ import annotations
+
+from dataclasses import MISSING, dataclass, field, fields
+from typing import Any, Optional
+
+GRAD_SAMPLE_MODES = ("hooks", "functorch", "ew", "ghost")  # Opacus's per-example gradient engines
+SELECTS = {"selects": True}  # metadata of the field that names a group's chosen option
+
+
+def config_group(schema: type) -> Any:
+    """A config group's node: ``conf/<name>/`` holds its options, ``<name>/base`` is its schema."""
+    return field(default_factory=schema, metadata={"group": True})
+
+
+def read_if(selector: str, *values: Any, default: Any = MISSING, default_factory: Any = MISSING) -> Any:
+    """A field read only when the same node's ``selector`` field is one of ``values``."""
+    return field(default=default, default_factory=default_factory, metadata={"read_if": (selector, values)})
+
+
+@dataclass
+class DataConfig:
+    # Folder holding the data files; null: $FEDPRIV_DATA, ../shared/data, then /usr/share/datasets.
+    # A folder given here must exist: it is never silently replaced by another one.
+    root: Optional[str] = None
+    val_fraction: float = 0.1  # share of each client's rows held out for its validation split
+
+
+@dataclass
+class DatasetConfig:
+    name: str = field(default="digits", metadata=SELECTS)  # one of fedpriv.data's loaders
+
+
+@dataclass
+class PartitionConfig:
+    scheme: str = field(default="iid", metadata=SELECTS)  # one of fedpriv.data's partition schemes
+    alpha: float = read_if("scheme", "dirichlet", default=0.5)  # Dirichlet concentration; smaller is more skewed
+    classes_per_client: int = read_if("scheme", "pathological", default=2)
+    shards_per_client: int = read_if("scheme", "shard", default=2)
+
+
+@dataclass
+class ModelConfig:
+    # auto picks by data set: logreg (tabular), mlp (digits), cnn (images), char_gru (text)
+    name: str = field(default="auto", metadata=SELECTS)
+    hidden: list[int] = read_if("name", "auto", "mlp", "char_gru", default_factory=lambda: [64])  # layer widths
+    width: int = read_if("name", "auto", "cnn", default=32)  # channels of the CNN's first block
+
+
+@dataclass
+class TrainConfig:
+    local_epochs: int = 1
+    batch_size: int = 32
+    lr: float = 0.05
+    momentum: float = 0.0
+    weight_decay: float = 0.0
+
+
+@dataclass
+class StrategyConfig:
+    name: str = field(default="fedavg", metadata=SELECTS)  # one of strategies.factory.STRATEGIES
+    server_lr: float = read_if("name", "fedavgm", default=1.0)
+    server_momentum: float = read_if("name", "fedavgm", default=0.0)  # Hsu et al. 2019
+    eta: float = read_if("name", "fedadam", default=0.01)  # server learning rate (Reddi et al. 2021)
+    eta_l: float = read_if("name", "fedadam", default=0.0316)  # client learning rate (informational in Flower)
+    beta_1: float = read_if("name", "fedadam", default=0.9)
+    beta_2: float = read_if("name", "fedadam", default=0.99)
+    tau: float = read_if("name", "fedadam", default=1e-3)
+    proximal_mu: float = read_if("name", "fedprox", default=0.0)  # clients add (mu/2)||w - w_global||^2
+
+
+@dataclass
+class PlacementConfig:
+    name: str = field(default="cpu", metadata=SELECTS)
+    num_cpus_per_client: float = 1.0  # Ray CPUs per client actor (fractions allowed)
+    num_gpus_per_client: float = 0.0  # Ray GPUs per client actor (e.g. 0.25: four clients per GPU)
+    address: Optional[str] = None  # an existing Ray cluster ("auto" or "host:port"); None starts one
+    num_cpus: Optional[int] = None  # CPUs Ray may use on this machine (None: all)
+    num_gpus: Optional[int] = None  # GPUs Ray may use on this machine (None: all it finds)
+    object_store_memory: Optional[int] = None  # bytes
+    num_nodes: Optional[int] = None  # Flower nodes simulated (None: enough for one round's cohort)
+    server_device: str = "cpu"  # where the server evaluates: cpu | cuda | auto
+
+
+@dataclass
+class LocalPrivacyConfig:
+    """Example-level DP-SGD on each client (Opacus); each client keeps its own ledger."""
+
+    target_epsilon: Optional[float] = None  # per-client, example-level budget over all its rounds
+    # Or set the noise directly (then target_epsilon, if set, is only the stop).
+    noise_multiplier: Optional[float] = None
+    delta: float = 1e-5  # per-client delta: keep it below 1 / (rows of the smallest client)
+    max_grad_norm: float = 1.0  # per-example clipping norm
+    # hooks | functorch | ew | ghost: ghost clipping is the fastest (flat clipping only;
+    # scripts/benchmark_dp_sgd.py)
+    grad_sample_mode: str = "ghost"
+    clipping: str = "flat"  # flat | per_layer
+    max_physical_batch_size: int = 256  # memory only; logical (Poisson) batches and privacy are unchanged
+    secure_mode: bool = False  # Opacus CSPRNG (needs torchcsprng); else privacy.secure_rng decides the seeds
+    # Participations a client calibrates for; None: ~98th percentile of Binomial(num_rounds, q).
+    expected_rounds: Optional[int] = None
+
+
+PRIVACY_MODES = ("none", "central", "local", "central_local")  # the privacy group's options
+_CENTRAL = ("central", "central_local")
+_DP = ("central", "local", "central_local")
+_LOCAL = ("local", "central_local")
+
+
+@dataclass
+class PrivacyConfig:
+    """User-level central DP (clip, sum, noise on the server) and example-level DP-SGD (clients)."""
+
+    mode: str = field(default="none", metadata=SELECTS)  # none | central | local | central_local
+    # Central budget for the whole run: the noise is calibrated so that epsilon reaches it at the
+    # last round. inf: clip, do not noise (a reference point with NO privacy guarantee).
+    target_epsilon: Optional[float] = read_if("mode", *_CENTRAL, default=None)
+    # Set instead of target_epsilon to fix the noise (the target, if set, then caps the run).
+    noise_multiplier: Optional[float] = read_if("mode", *_CENTRAL, default=None)
+    delta: Optional[float] = read_if("mode", *_CENTRAL, default=None)  # None: min(1e-5, 1 / num_clients^1.1)
+    # server | client: clients clip before sending (same noise, same accounting; under
+    # central_local the client clips its DP-SGD update too).
+    clip_on: str = read_if("mode", *_CENTRAL, default="server")
+    clipping: str = read_if("mode", *_CENTRAL, default="fixed")  # fixed | adaptive (Andrew et al. 2021)
+    clip_norm: float = read_if("mode", *_CENTRAL, default=1.0)  # L2 bound of one client's update (initial if adaptive)
+    target_unclipped_quantile: float = read_if("clipping", "adaptive", default=0.5)  # fraction left unclipped
+    clip_lr: float = read_if("clipping", "adaptive", default=0.2)  # geometric learning rate of the norm
+    clipped_count_stddev: Optional[float] = read_if("clipping", "adaptive", default=None)  # None: expected cohort / 20
+    # False: noise (server and clients) and the clients' batch sampling seeded from seed/round/client:
+    # reproducible, NOT for release.
+    secure_rng: bool = read_if("mode", *_DP, default=True)
+    # numpy: fast, float Gaussian on PCG64 | opendp: exact, floating-point safe, OpenSSL CSPRNG (for a
+    # release; ~2 s a round for the 422k-parameter CNN).
+    noise_sampler: str = read_if("mode", *_CENTRAL, default="numpy")
+    # Calibrate the noise for a larger cohort than simulated (pfl-research style).
+    noise_cohort_size: Optional[int] = read_if("mode", *_CENTRAL, default=None)
+    accountant: str = read_if("mode", *_DP, default="pld")  # pld (reported; tight) | rdp: the run's ledger and every client's
+    local: LocalPrivacyConfig = read_if("mode", *_LOCAL, default_factory=LocalPrivacyConfig)
+
+
+@dataclass
+class ScheduleConfig:
+    """The noise multiplier's shape over rounds (scaled to reach the target epsilon)."""
+
+    name: str = field(default="constant", metadata=SELECTS)  # constant | linear | cosine | step | phases
+    end_factor: float = read_if("name", "linear", "cosine", default=1.0)  # last round's multiplier / the first's
+    step_size: int = read_if("name", "step", default=10)  # rounds between changes
+    gamma: float = read_if("name", "step", default=0.9)  # factor at each change
+    # [[rounds, relative multiplier], ...]; the rounds must add up to num_rounds.
+    phases: list[Any] = read_if("name", "phases", default_factory=list)
+
+
+@dataclass
+class TrackingConfig:
+    wandb: bool = False  # Weights & Biases on top of the local files (which are always written)
+    project: str = "fedpriv"
+    entity: Optional[str] = None  # your W&B user or team; None: your default entity
+    name: Optional[str] = None  # None: wandb picks one (in a sweep: the swept values)
+    group: Optional[str] = None  # None: none, or the sweep folder in a multirun
+    job_type: Optional[str] = None
+    tags: list[str] = field(default_factory=list)
+    mode: str = "auto"  # auto | online | offline | disabled
+    log_model: bool = False  # upload model.pt (+ config.yaml) as a W&B artifact at the end
+    progress: bool = True  # a progress bar on a terminal, one line per round in logs; False: quiet
+    # True: wandb also gets the raw, operator-only diagnostics (NOT covered by the privacy guarantee).
+    operator_diagnostics: bool = False
+
+
+@dataclass
+class EvalConfig:
+    batch_size: int = 1024
+    every: int = 1  # evaluate the global model centrally every k rounds (and at the last)
+
+
+@dataclass
+class AuditConfig:
+    """Canary audit of central DP (fedpriv.audit). Enabling it changes the trained model:
+    the canaries' updates are in it (privacy.json says so); audit a configuration, do not ship it."""
+
+    enabled: bool = False
+    # Canary directions m; each inserted into the population with probability 1/2, the rest held out.
+    canaries: int = read_if("enabled", True, default=1000)
+    confidence: float = read_if("enabled", True, default=0.95)  # simultaneous confidence of all lower bounds
+    # Noise actually drawn / planned: 1 = a real audit; 0 = the non-private baseline; 0.1 = a broken run.
+    noise_scale: float = 1.0
+    seed: Optional[int] = read_if("enabled", True, default=None)  # None: derived from the run's seed
+
+
+@dataclass
+class RunConfig:
+    seed: int = 0
+    num_clients: int = 20
+    clients_per_round: int = 10  # expected cohort; each client joins a round with q = clients_per_round / num_clients
+    num_rounds: int = 15
+    sampling: str = "poisson"  # poisson | fixed | all: must match what the privacy accountant assumes
+    client_mode: str = "virtual"  # virtual (simulation: any node acts for any client) | nodes (one node = one client)
+    round_timeout: float = 300.0  # seconds to wait for a round's replies; a slower client counts as dropped
+    resume: bool = False  # continue the run in run_dir from its last checkpoint
+    run_dir: Optional[str] = None  # set by the launcher (Hydra's output folder)
+    device: str = "auto"  # client training device: auto | cpu | cuda
+    data: DataConfig = field(default_factory=DataConfig)
+    dataset: DatasetConfig = config_group(DatasetConfig)
+    partition: PartitionConfig = config_group(PartitionConfig)
+    model: ModelConfig = config_group(ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    strategy: StrategyConfig = config_group(StrategyConfig)
+    placement: PlacementConfig = config_group(PlacementConfig)
+    privacy: PrivacyConfig = config_group(PrivacyConfig)
+    schedule: ScheduleConfig = config_group(ScheduleConfig)
+    tracking: TrackingConfig = config_group(TrackingConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    audit: AuditConfig = config_group(AuditConfig)
+
+
+def group_schemas() -> dict[str, type]:
+    """Each config group (``conf/<group>/``) and its schema."""
+    return {f.name: f.default_factory for f in fields(RunConfig) if f.metadata.get("group")}  # type: ignore[misc]
+
+
+def selector_key(group: str) -> str | None:
+    """The key whose value names the group's option (``privacy`` -> ``privacy.mode``), if any."""
+    schema = group_schemas().get(group)
+    for f in fields(schema) if schema is not None else ():
+        if f.metadata.get("selects"):
+            return f"{group}.{f.name}"
+    return None
+
+
+def field_default(f: Any) -> Any:
+    return f.default_factory() if f.default_factory is not MISSING else f.default
+
+
+def register_schemas() -> None:
+    """Store the schemas in Hydra's ConfigStore: ``base_config`` (the root) and ``<group>/base``."""
+    from hydra.core.config_store import ConfigStore
+
+    cs = ConfigStore.instance()
+    cs.store(name="base_config", node=RunConfig)
+    for name, schema in group_schemas().items():
+        cs.store(group=name, name="base", node=schema)
