@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable
 from typing import Any
 
@@ -11,14 +10,6 @@ from flwr.serverapp.strategy import FedAdam, FedAvg, FedAvgM, FedProx, Strategy
 from fedpriv.config import ConfigError, RunConfig, StrategyConfig
 from strategies.aggregator import FlowerAggregator
 from strategies.central_dp import CentralDPAggregator
-
-
-def _not_evaluation_skipped(record: logging.LogRecord) -> bool:
-    """fedpriv evaluates centrally by design; Flower's notice that it skips federated evaluation is noise."""
-    return "Federated evaluation will be skipped" not in str(record.msg)
-
-
-logging.getLogger("flwr").addFilter(_not_evaluation_skipped)
 
 
 # The registry: config strategy.name -> builder. conf/strategy/<name>.yaml is what users choose from;

@@ -12,8 +12,8 @@ import math
 import numpy as np
 import pytest
 from conftest import FakeGrid
-from dp_accounting import dp_event, pld, rdp
-from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
+from dp_accounting import dp_event, pld
+from flwr.app import Message, MetricRecord, RecordDict
 
 from clients.local_update import clip_update_on_client
 from fedpriv.compose import compose_config
@@ -22,7 +22,7 @@ from fedpriv.aggregation import Stop
 from fedpriv.updates import IntegerBufferError, to_record
 from strategies import build_aggregator
 from strategies.aggregator import FlowerAggregator
-from strategies.central_dp import CentralDPAggregator, ClippingState
+from strategies.central_dp import CentralDPAggregator
 from strategies.factory import build_flower_strategy
 
 
