@@ -22,7 +22,7 @@ import pytest
 
 from fedpriv.data import DATASETS, DataError, FederatedDataset, load_dataset, resolve_data_root
 from fedpriv.data import shakespeare as shk
-from fedpriv.data import sources
+from fedpriv.data import holdout, images, locate, sources, tabular
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -59,8 +59,8 @@ def _isolated(monkeypatch, session_cache):
 @pytest.fixture
 def no_default_roots(monkeypatch, tmp_path):
     """Hide <repo>/../shared/data and /usr/share/datasets from the search."""
-    monkeypatch.setattr(sources, "PROJECT_SHARED_DATA", tmp_path / "no-shared-data")
-    monkeypatch.setattr(sources, "SYSTEM_ROOTS", (tmp_path / "no-system-data",))
+    monkeypatch.setattr(locate, "PROJECT_SHARED_DATA", tmp_path / "no-shared-data")
+    monkeypatch.setattr(locate, "SYSTEM_ROOTS", (tmp_path / "no-system-data",))
     monkeypatch.delenv("FEDPRIV_DATA", raising=False)
 
 
@@ -99,7 +99,7 @@ def test_resolve_data_root_order(monkeypatch, tmp_path, no_default_roots):
     monkeypatch.setenv("FEDPRIV_DATA", str(tmp_path / "env"))
     roots = resolve_data_root(str(tmp_path / "arg"))
     assert roots == [tmp_path / "arg", tmp_path / "env", tmp_path / "no-system-data"]
-    monkeypatch.setattr(sources, "PROJECT_SHARED_DATA", tmp_path)
+    monkeypatch.setattr(locate, "PROJECT_SHARED_DATA", tmp_path)
     assert resolve_data_root(None) == [tmp_path / "env", tmp_path, tmp_path / "no-system-data"]
 
 
@@ -123,7 +123,7 @@ def test_digits_split_normalisation_and_memo():
 
 def test_digits_are_scikit_learns():
     """The CSV shortcut reads exactly ``load_digits()`` (checksums of that data)."""
-    pixels, target = sources._read_digits()
+    pixels, target = images._read_digits()
     assert pixels.shape == (1797, 64) and int(pixels.sum()) == 561718
     assert int((pixels * np.arange(64)).sum()) == 17660653
     assert np.bincount(target.astype(int)).tolist() == [178, 182, 177, 183, 181, 182, 181, 179, 174, 180]
@@ -151,7 +151,7 @@ def test_fashion_synthetic_values_and_warm_cache(tmp_path, monkeypatch, no_defau
     assert np.array_equal(ds.y_test, data["t10k-labels-idx1-ubyte"])
     # Warm: served from the .npy cache without reading the IDX files again.
     sources.clear_memory_cache()
-    monkeypatch.setattr(sources, "read_idx", lambda *a, **k: pytest.fail("decoded again"))
+    monkeypatch.setattr(images, "read_idx", lambda *a, **k: pytest.fail("decoded again"))
     warm = load_dataset("fashion_mnist", root=str(tmp_path))
     assert isinstance(warm.x_train, np.memmap) and np.array_equal(warm.x_train, ds.x_train)
 
@@ -267,7 +267,7 @@ def write_cifar(folder: Path, per_class: dict[str, int], broken: str | None = No
     path = folder / "cifar10_jpg.tar.xz"
     with tarfile.open(path, "w:xz") as tar:
         for split, count in per_class.items():
-            for c, cls in enumerate(sources.CIFAR10_CLASSES):
+            for c, cls in enumerate(images.CIFAR10_CLASSES):
                 for i in reversed(range(count)):  # archive order != sorted order
                     name = f"{split}/{cls}/{i:04d}.jpg"
                     data = b"garbage" if name == broken else _jpeg((25 * c, 10 * i, 200 - 20 * c))
@@ -315,13 +315,13 @@ def test_cifar10_real_archive():
 
 def test_heart_disease_sizes_split_and_standardisation():
     root = require("heart-disease")
-    x, y, hosp = sources.read_heart_disease(str(root))
+    x, y, hosp = tabular.read_heart_disease(str(root))
     assert np.bincount(hosp).tolist() == [303, 261, 46, 130]
     assert x.shape == (740, 10) and set(np.unique(y)) == {0, 1}
     ds = load_dataset("heart_disease", root=str(root))
     assert ds.task == "tabular" and ds.input_shape == (10,) and ds.num_classes == 2
     assert ds.natural_names == ("cleveland", "hungarian", "switzerland", "va")
-    test = sources.stratified_holdout(y, 0.2, 0, groups=hosp)
+    test = holdout.stratified_holdout(y, 0.2, 0, groups=hosp)
     expected = np.bincount(hosp) - np.bincount(hosp[test], minlength=4)
     assert np.bincount(ds.natural_ids).tolist() == expected.tolist()
     assert len(ds.y_test) == int(test.sum()) and 0.15 < len(ds.y_test) / 740 < 0.25

@@ -16,8 +16,8 @@ from fedpriv.data import (
     load_dataset,
     partition_indices,
 )
+from fedpriv.data import holdout, tabular
 from fedpriv.data import partition as part_mod
-from fedpriv.data import sources
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -190,8 +190,8 @@ def test_bad_arguments(ds):
 def test_natural_heart_disease():
     ds = load_dataset("heart_disease", root=str(heart_root()))
     parts = partition_indices(ds, "natural", 4, seed=0)
-    x, y, hosp = sources.read_heart_disease(str(heart_root()))
-    test = sources.stratified_holdout(y, 0.2, 0, groups=hosp)
+    x, y, hosp = tabular.read_heart_disease(str(heart_root()))
+    test = holdout.stratified_holdout(y, 0.2, 0, groups=hosp)
     sizes = [len(p) for p in parts]
     assert [s + int(t) for s, t in zip(sizes, np.bincount(hosp[test], minlength=4))] == [303, 261, 46, 130]
     for k, p in enumerate(parts):

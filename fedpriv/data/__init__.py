@@ -13,8 +13,9 @@ Importing this package is cheap: scikit-learn, Pillow, ``datasets`` and
 """
 
 from .base import DataError, FederatedDataset
+from .locate import check_data_root, resolve_data_root
 from .partition import SCHEMES, client_split, describe_partition, partition_indices
-from .sources import DATASETS, check_data_root, load_dataset, resolve_data_root
+from .sources import DATASETS, load_dataset
 
 __all__ = [
     "DATASETS",
