@@ -28,6 +28,9 @@ class Aggregator(Protocol):
     def begin_round(self, server_round: int, arrays: ArrayRecord, grid: Any) -> dict[str, Any] | Stop:
         """Extra config for this round's clients (e.g. the clip norm), or :class:`Stop`."""
 
+    def share_config(self, server_round: int) -> dict[str, Any]:
+        """How a worker combines its share of the cohort into one reply (clients.cohort)."""
+
     def reply_problem(self, reply: Message, global_arrays: Arrays) -> str | None:
         """Why a reply must not be aggregated (it then counts as failed), or None."""
 

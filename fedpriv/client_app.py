@@ -1,9 +1,11 @@
 """The ClientApp: everything it needs arrives in the message (config, which client to act as).
 
 A train message carries ``arrays`` (the global model) and ``config`` with ``task`` (the run's
-configuration as JSON), ``client-id`` (the virtual client to act as), ``server-round`` and any
-per-round values the server's strategy adds (for example the clip norm under ``clip_on=client``).
-A failure becomes an error reply that the server counts; it never stalls the round.
+configuration as JSON), ``server-round``, ``run-id`` and any per-round values the server's strategy
+adds (for example the clip norm). In deployment it names one client (``client-id``: the SuperNode
+is that client); in simulation it names a worker's share of the cohort (``client-ids``, ``share``),
+trained one client after another (:mod:`clients.cohort`). A failure becomes an error reply that the
+server counts; it never stalls the round.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import torch
 from flwr.app import ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from clients.cohort import train_share
 from clients.identity import client_key
 from clients.local_update import run_local_update
 from fedpriv.client_state import ClientStateStore, node_state_dir
@@ -53,6 +56,8 @@ def client_store(rc: RunConfig, cfg: ConfigRecord, node_config: dict) -> ClientS
 
 @app.train()
 def train_handler(msg: Message, context: Context) -> Message:
+    if "client-ids" in msg.content["config"]:
+        return share_handler(msg, context)
     try:
         rc, cfg, data, model = _setup(msg, context)
         node_config = dict(context.node_config)
@@ -66,4 +71,18 @@ def train_handler(msg: Message, context: Context) -> Message:
         return _error_reply(msg, ERROR_EMPTY, f"empty: {exc}")
     except Exception as exc:  # noqa: BLE001 - any client fault is reported, never raised into the engine
         log.warning("client failed: %s", traceback.format_exc())
+        return _error_reply(msg, ERROR_CLIENT, f"{type(exc).__name__}: {exc}")
+
+
+def share_handler(msg: Message, context: Context) -> Message:
+    """Simulation: a share of the cohort in one message (:mod:`clients.cohort`)."""
+    try:
+        cfg = msg.content["config"]
+        rc = decode_config(str(cfg["task"]))
+        torch.set_num_threads(1)
+        node_config = dict(context.node_config)
+        content = train_share(rc, cfg, msg.content["arrays"], node_config, client_store(rc, cfg, node_config))
+        return Message(content, reply_to=msg)
+    except Exception as exc:  # noqa: BLE001 - the whole share failed: the server counts all its clients
+        log.warning("share failed: %s", traceback.format_exc())
         return _error_reply(msg, ERROR_CLIENT, f"{type(exc).__name__}: {exc}")

@@ -87,16 +87,6 @@ def wait_for_nodes(grid: Grid, minimum: int, timeout: float) -> list[int]:
         time.sleep(0.5)
 
 
-def virtual_client_waves(cohort: list[int], nodes: list[int]) -> list[list[tuple[int, int]]]:
-    """(node, client) pairs in waves: client c is served by node ``nodes[c % len(nodes)]`` and no
-    node gets two clients in one wave (a Flower node runs one message at a time)."""
-    by_node: dict[int, list[int]] = {}
-    for c in cohort:
-        by_node.setdefault(nodes[c % len(nodes)], []).append(c)
-    depth = max((len(cs) for cs in by_node.values()), default=0)
-    return [[(n, cs[i]) for n, cs in by_node.items() if i < len(cs)] for i in range(depth)]
-
-
 class Population:
     """Who the sampled clients are and how a round's messages reach them."""
 
@@ -110,49 +100,71 @@ class Population:
         else:
             self.nodes = wait_for_nodes(grid, 1, rc.round_timeout)
 
-    def sample_waves(self) -> tuple[list[int], list[list[tuple[int, int]]]]:
-        """The round's cohort and its (node, client) waves."""
-        if self.rc.client_mode == "nodes":  # one client per node: all in one wave
-            self.nodes = sorted(self.grid.get_node_ids()) or self.nodes
-            cohort = [int(i) for i in self.sampler.sample() if i < len(self.nodes)]
-            return cohort, [[(self.nodes[c], c) for c in cohort]]
-        cohort = [int(i) for i in self.sampler.sample()]
-        return cohort, virtual_client_waves(cohort, self.nodes)
+    @property
+    def uses_shares(self) -> bool:
+        """Simulation sends each worker one message with its share of the cohort; deployment one
+        message per client (a SuperNode is one client)."""
+        return self.rc.client_mode == "virtual"
 
-    def dispatch(self, waves: list[list[tuple[int, int]]], server_round: int, arrays: ArrayRecord,
-                 config: dict[str, Any]) -> tuple[list[Message], int]:
-        """Send one train message per sampled client; returns the replies and how many never came."""
-        replies: list[Message] = []
-        sent = 0
-        deadline = time.monotonic() + self.rc.round_timeout
-        for wave in waves:
-            msgs = [
-                Message(content=RecordDict({"arrays": arrays, "config": ConfigRecord(
-                            {**config, "client-id": int(c), "server-round": server_round})}),
-                        message_type=MessageType.TRAIN, dst_node_id=int(n), group_id=str(server_round))
-                for n, c in wave
-            ]
-            sent += len(msgs)
-            replies.extend(self.grid.send_and_receive(msgs, timeout=max(deadline - time.monotonic(), 1.0)))
-        return replies, sent - len(replies)
+    def sample(self) -> list[int]:
+        if self.rc.client_mode == "nodes":
+            self.nodes = sorted(self.grid.get_node_ids()) or self.nodes
+            return [int(i) for i in self.sampler.sample() if i < len(self.nodes)]
+        return [int(i) for i in self.sampler.sample()]
+
+    def messages(self, cohort: list[int], server_round: int, arrays: ArrayRecord,
+                 config: dict[str, Any]) -> list[tuple[Message, int]]:
+        """(message, number of clients it carries): one per client, or one share per worker."""
+        def message(node: int, extra: dict[str, Any]) -> Message:
+            return Message(content=RecordDict({"arrays": arrays, "config": ConfigRecord(
+                               {**config, "server-round": server_round, **extra})}),
+                           message_type=MessageType.TRAIN, dst_node_id=int(node), group_id=str(server_round))
+
+        if not self.uses_shares:
+            return [(message(self.nodes[c], {"client-id": int(c)}), 1) for c in cohort]
+        k = min(len(self.nodes), len(cohort))
+        shares = [cohort[i::k] for i in range(k)]  # balanced; any worker can serve any client
+        return [(message(self.nodes[i], {"client-ids": [int(c) for c in share]}), len(share))
+                for i, share in enumerate(shares)]
+
+    def dispatch(self, messages: list[tuple[Message, int]]) -> tuple[list[Message], int]:
+        """Send the round's messages; returns the replies and how many clients' replies never came."""
+        sizes = {int(m.metadata.dst_node_id): n for m, n in messages}
+        replies = list(self.grid.send_and_receive([m for m, _ in messages], timeout=self.rc.round_timeout))
+        answered = {int(r.metadata.src_node_id) for r in replies}
+        return replies, sum(n for node, n in sizes.items() if node not in answered)
+
+
+def reply_counts(reply: Message, share_size: int) -> dict[str, int]:
+    """How many clients a reply accounts for: trained (in its arrays), declined, failed, rejected."""
+    if reply.has_error():
+        return {"trained": 0, "declined": 0, "failed": share_size, "rejected": 0}
+    m = reply.content["metrics"]
+    if "clients-trained" in m:  # a worker's share
+        return {"trained": int(m["clients-trained"]), "declined": int(m["clients-declined"]),
+                "failed": int(m["clients-failed"]), "rejected": int(m["clients-rejected"])}
+    declined = int(float(m.get("declined", 0.0)) != 0.0)
+    return {"trained": 1 - declined, "declined": declined, "failed": 0, "rejected": 0}
 
 
 # ------------------------------------------------------------------------------------ the loop
 
 
 def _aggregatable(aggregator: Aggregator, replies: list[Message], arrays: ArrayRecord, rnd: int) -> tuple[list[Message], int]:
-    """Replies that trained and pass the aggregator's validation; how many were rejected."""
+    """Replies that hold trained clients and pass the aggregator's validation; how many clients
+    the rejected ones held (counted as failed)."""
     global_np = updates.from_record(arrays)
     valid, rejected = [], 0
     for m in replies:
-        if float(m.content["metrics"].get("declined", 0.0)) != 0.0:
+        trained = reply_counts(m, 0)["trained"]
+        if trained == 0:
             continue
         problem = aggregator.reply_problem(m, global_np)
         if problem is None:
             valid.append(m)
         else:
-            rejected += 1
-            log.warning("round %d: a client's reply was rejected and counted as failed: %s", rnd, problem)
+            rejected += trained
+            log.warning("round %d: a reply (%d client(s)) was rejected and counted as failed: %s", rnd, trained, problem)
     return valid, rejected
 
 
@@ -168,23 +180,28 @@ def run_rounds(state: RunState, population: Population, aggregator: Aggregator, 
             state.stop_reason = extra.reason
             log.warning("stopping before round %d: %s", rnd, extra.reason)
             break
-        cohort, waves = population.sample_waves()
-        replies, missing = population.dispatch(waves, rnd, state.arrays, {**client_config, **extra})
-        ok = [m for m in replies if not m.has_error()]
+        if population.uses_shares:
+            extra = aggregator.share_config(rnd)
+        cohort = population.sample()
+        messages = population.messages(cohort, rnd, state.arrays, {**client_config, **extra})
+        replies, missing = population.dispatch(messages)
         for m in replies:
             if m.has_error():
-                log.info("round %d: client failed: %s", rnd, m.error.reason)
+                log.info("round %d: client(s) failed: %s", rnd, m.error.reason)
+        sizes = {int(m.metadata.dst_node_id): n for m, n in messages}
+        counts = [reply_counts(m, sizes.get(int(m.metadata.src_node_id), 1)) for m in replies]
+        ok = [m for m in replies if not m.has_error()]
         trained, rejected = _aggregatable(aggregator, ok, state.arrays, rnd)
         new_arrays, metrics = aggregator.aggregate(rnd, state.arrays, trained)
         if new_arrays is not None:
             state.arrays = new_arrays
         record = {
             "round": rnd,
-            "num_clients": len(trained),
+            "num_clients": sum(reply_counts(m, 1)["trained"] for m in trained),
             "num_sampled": len(cohort),
-            "num_failed": len(replies) - len(ok) + rejected,
+            "num_failed": sum(c["failed"] + c["rejected"] for c in counts) + rejected,
             "num_dropped": missing,
-            "clients_declined": sum(1 for m in ok if float(m.content["metrics"].get("declined", 0.0)) != 0.0),
+            "clients_declined": sum(c["declined"] for c in counts),
             **metrics,
         }
         result = RoundResult(rnd, cohort, ok, trained, record, started=started)

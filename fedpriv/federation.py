@@ -18,7 +18,7 @@ from flwr.serverapp import Grid
 from fedpriv import run_folder
 from fedpriv.callbacks import Callback, CentralEvaluation, Checkpointing, Disclosure, LocalPrivacy, Publishing
 from fedpriv.config import RunConfig
-from fedpriv.engine import Population, RunState, run_rounds, virtual_client_waves  # noqa: F401 (re-exported)
+from fedpriv.engine import Population, RunState, run_rounds
 from fedpriv.privacy.local_monitor import LocalPrivacyMonitor
 from fedpriv.sampling import ClientSampler
 from fedpriv.task import encode_config, new_model

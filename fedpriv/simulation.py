@@ -69,17 +69,15 @@ def concurrent_clients(pl: PlacementConfig, cpus: int | None = None, gpus: int |
 
 
 def num_simulated_nodes(rc: RunConfig) -> int:
-    """Flower nodes to register: enough for a typical round's cohort, never one per client.
+    """Flower nodes to register: one per worker (Ray actor that can run at once), never one per client.
 
-    Flower's engine does work per registered node on every poll, so 10,000 virtual clients are
-    served by a few nodes; a node acts for one virtual client at a time.
+    Each round sends every worker one message with its share of the cohort (:mod:`clients.cohort`),
+    so more nodes than workers would only queue; Flower's engine also does work per registered node
+    on every poll. ``placement.num_nodes`` overrides (e.g. for a remote cluster's size).
     """
     if rc.placement.num_nodes is not None:
-        return min(rc.placement.num_nodes, rc.num_clients)
-    m = rc.clients_per_round if rc.sampling != "all" else rc.num_clients
-    if rc.sampling == "poisson":
-        m = math.ceil(m + 3 * math.sqrt(m))
-    return max(1, min(m, rc.num_clients))
+        return max(1, min(rc.placement.num_nodes, rc.num_clients))
+    return max(1, min(concurrent_clients(rc.placement), rc.num_clients))
 
 
 def run_simulation(rc: RunConfig) -> dict[str, Any]:

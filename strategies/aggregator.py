@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from flwr.app import ArrayRecord, ConfigRecord, Message
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
@@ -46,6 +46,10 @@ class FlowerAggregator:
             problem = f"num-examples is {weight}, not a positive finite number"
         return problem
 
+    def share_config(self, server_round: int) -> dict[str, Any]:
+        """A worker returns its share's mean model weighted by rows, and their sum as num-examples."""
+        return {"share": "weighted-mean"}
+
     def covered_metric_keys(self) -> tuple[str, ...]:
         """Round metrics covered by a guarantee: none (this aggregator adds no privacy)."""
         return ()
@@ -54,7 +58,7 @@ class FlowerAggregator:
         """Flower's aggregation of successful replies (weighted by ``num-examples``)."""
         if not replies:
             return None, {}
-        new_arrays, metrics = self.strategy.aggregate_train(server_round, replies)
+        new_arrays, metrics = self.strategy.aggregate_train(server_round, [_as_one_client(m) for m in replies])
         return new_arrays, dict(metrics or {})
 
     def state_dict(self) -> dict[str, Any]:
@@ -66,3 +70,17 @@ class FlowerAggregator:
 
     def privacy_report(self) -> dict[str, Any] | None:
         return None
+
+
+def _as_one_client(reply: Message) -> Message:
+    """A worker's share (its weighted-mean model, its clients' rows as num-examples) in the shape
+    Flower's strategies expect of one client's reply; other replies pass unchanged."""
+    metrics = reply.content["metrics"]
+    if "clients-trained" not in metrics:
+        return reply
+    losses = list(reply.content["diagnostics"]["train-losses"])
+    flat = {"num-examples": float(metrics["num-examples"])}
+    if losses:
+        flat["train_loss"] = float(np.mean(losses))
+    return Message(RecordDict({"arrays": reply.content["arrays"], "metrics": MetricRecord(flat)}),
+                   dst_node_id=0, message_type="train")

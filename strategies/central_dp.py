@@ -87,27 +87,56 @@ class CentralDPAggregator:
         self.inner.begin_round(server_round, arrays, grid)
         return {"clip-norm": clip_norm} if self.clip_on == "client" else {}
 
+    def share_config(self, server_round: int) -> dict[str, Any]:
+        """What a worker needs to return its share's clipped sum: the round's clip norm."""
+        return {"share": "clipped-sum", "clip-norm": self.mechanism.round_clip_norm}
+
     def reply_problem(self, reply: Message, global_arrays: dict[str, np.ndarray]) -> str | None:
         """Why a reply must not enter the clipped sum (None if it may): malformed or non-finite
         arrays, or (client clipping) an unclipped bit other than 0 or 1, which would move the
-        adaptive clip norm anywhere. Weights are not read: the sum is unweighted."""
+        adaptive clip norm anywhere. Weights are not read: the sum is unweighted. A worker's
+        share must hold one bit per client and a sum of norm at most clients x C."""
         try:
             problem = updates.update_problem(updates.from_record(reply.content["arrays"]), global_arrays)
         except (KeyError, TypeError, ValueError) as exc:
             return f"malformed reply ({type(exc).__name__}: {exc})"
+        if problem is None and _is_share(reply):
+            return self._share_problem(reply)
         if problem is None and self.clip_on == "client":
             bit = reply.content["metrics"].get("unclipped") if "metrics" in reply.content else None
             if bit is not None and float(bit) not in (0.0, 1.0):
                 problem = f"unclipped bit is {bit}, not 0 or 1"
         return problem
 
+    def _share_problem(self, reply: Message) -> str | None:
+        m, diagnostics = reply.content["metrics"], reply.content["diagnostics"]
+        n, bits = int(m["clients-trained"]), list(diagnostics["unclipped"])
+        if float(m.get("clipped-sum", 0.0)) != 1.0:
+            return "a share that is not a clipped sum"
+        if len(bits) != n or any(b not in (0.0, 1.0) for b in bits):
+            return f"{len(bits)} unclipped bits for {n} clients, or a bit other than 0 or 1"
+        norm = updates.l2_norm(updates.from_record(reply.content["arrays"]))
+        if norm > n * self.mechanism.round_clip_norm * (1 + 1e-6):
+            return f"a clipped sum of norm {norm:.4g} from {n} clients exceeds {n} x clip norm"
+        return None
+
     def aggregate(self, server_round: int, arrays: ArrayRecord, replies: list[Message]) -> tuple[ArrayRecord | None, dict[str, Any]]:
         global_np = updates.from_record(arrays)
-        deltas = [updates.difference(updates.from_record(m.content["arrays"]), global_np) for m in replies]
+        singles = [m for m in replies if not _is_share(m)]
+        deltas = [updates.difference(updates.from_record(m.content["arrays"]), global_np) for m in singles]
         reported = None
         if self.clip_on == "client":  # the client says itself whether its update needed clipping
-            reported = [m.content["metrics"].get("unclipped") for m in replies]
-        release = self.mechanism.release(server_round, deltas, global_np, reported)
+            reported = [m.content["metrics"].get("unclipped") for m in singles]
+        total, bits, norms = self.mechanism.clip_and_sum(deltas, global_np, reported)
+        losses = [float(m.content["metrics"]["train_loss"]) for m in singles if "train_loss" in m.content["metrics"]]
+        for m in replies:
+            if _is_share(m):  # a worker's share: its clients' clipped updates, already summed
+                total = updates.add(total, {k: np.asarray(v, dtype=np.float64)
+                                            for k, v in updates.from_record(m.content["arrays"]).items()})
+                bits += [float(b) for b in m.content["diagnostics"]["unclipped"]]
+                norms += [float(x) for x in m.content["diagnostics"]["update-norms"]]
+                losses += [float(x) for x in m.content["diagnostics"]["train-losses"]]
+        release = self.mechanism.release_sum(server_round, total, bits, norms, global_np)
 
         new_global = {k: (global_np[k].astype(np.float64) + release.noised_mean[k]).astype(global_np[k].dtype)
                       for k in global_np}
@@ -118,7 +147,6 @@ class CentralDPAggregator:
         )
         new_arrays, _ = self.inner.aggregate(server_round, arrays, [synthetic])
         self.mechanism.after_update(server_round, release, global_np, new_arrays if new_arrays is not None else new_global)
-        losses = [float(m.content["metrics"]["train_loss"]) for m in replies if "train_loss" in m.content["metrics"]]
         metrics = dict(release.metrics)
         metrics["train_loss"] = float(np.mean(losses)) if losses else math.nan  # raw: operator-only
         return new_arrays, metrics
@@ -136,3 +164,8 @@ class CentralDPAggregator:
 
     def privacy_report(self) -> dict[str, Any]:
         return self.mechanism.report(self.clip_on)
+
+
+def _is_share(reply: Message) -> bool:
+    """A worker's reply for several clients (clients.cohort), not one client's model."""
+    return "clients-trained" in reply.content["metrics"]

@@ -57,12 +57,14 @@ class InProcessGrid:
     node's ``context.state`` is gone). ``tamper(reply) -> reply`` lets a test corrupt replies.
     """
 
-    def __init__(self, num_nodes: int = 2, node_config: dict | None = None, tamper=None):
+    def __init__(self, num_nodes: int = 2, node_config: dict | None = None, tamper=None,
+                 node_configs: list[dict] | None = None):
         from flwr.app import Context, RecordDict
 
         self.nodes = list(range(1, num_nodes + 1))
-        self.contexts = {n: Context(run_id=1, node_id=n, node_config=dict(node_config or {}), state=RecordDict(),
-                                    run_config={}) for n in self.nodes}
+        configs = node_configs or [dict(node_config or {}) for _ in self.nodes]  # per node: a SuperNode's own
+        self.contexts = {n: Context(run_id=1, node_id=n, node_config=dict(configs[i]), state=RecordDict(),
+                                    run_config={}) for i, n in enumerate(self.nodes)}
         self.tamper = tamper
         self.sent = []
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+from flwr.app import ArrayRecord
 
 from fedpriv.compose import compose_config
 from fedpriv.config import ConfigError
@@ -70,22 +71,28 @@ def test_ray_resource_mapping():
     check_placement(cluster, gpus_available=0)  # an existing cluster's GPUs are not counted here
 
 
-def test_simulated_nodes_do_not_grow_with_clients():
+def test_simulated_nodes_are_the_workers_not_the_clients():
     rc = compose_config("num_clients=10000 clients_per_round=50")
-    assert num_simulated_nodes(rc) < 100
-    rc = compose_config("num_clients=10 clients_per_round=10 sampling=all")
-    assert num_simulated_nodes(rc) == 10
+    assert num_simulated_nodes(rc) == concurrent_clients(rc.placement)  # one node per worker (Ray actor)
+    rc = compose_config("num_clients=10 clients_per_round=10 sampling=all placement.num_nodes=3")
+    assert num_simulated_nodes(rc) == 3
 
 
-def test_a_virtual_client_always_goes_to_the_same_node_and_nodes_serve_one_client_per_wave():
-    from fedpriv.federation import virtual_client_waves
+def test_each_worker_gets_one_balanced_share_of_the_cohort(flower_run_identity):
+    from fedpriv.engine import Population
+    from fedpriv.sampling import ClientSampler
 
-    nodes = [101, 102, 103]
-    seen: dict[int, int] = {}
-    for cohort in ([0, 1, 2, 3, 4, 5, 6], [1, 4, 7], [3, 6, 9, 12, 2]):
-        waves = virtual_client_waves(cohort, nodes)
-        assert sorted(c for w in waves for _, c in w) == sorted(cohort)
-        for wave in waves:
-            assert len({n for n, _ in wave}) == len(wave)  # no node twice in a wave
-            for n, c in wave:
-                assert seen.setdefault(c, n) == n  # same node every round
+    class Nodes:
+        def get_node_ids(self):
+            return [101, 102, 103]
+
+    rc = compose_config("num_clients=20 clients_per_round=10")
+    population = Population(Nodes(), rc, ClientSampler("poisson", 20, 10, 0))
+    for cohort in ([0, 1, 2, 3, 4, 5, 6], [1, 4], []):
+        messages = population.messages(cohort, 1, ArrayRecord(), {"task": "{}"})
+        assert len(messages) == min(3, len(cohort))  # one message per worker, none empty
+        shares = [list(m.content["config"]["client-ids"]) for m, _ in messages]
+        assert sorted(c for share in shares for c in share) == sorted(cohort)
+        assert [len(sh) for sh in shares] == [n for _, n in messages]
+        assert max(map(len, shares), default=0) - min(map(len, shares), default=0) <= 1
+        assert len({int(m.metadata.dst_node_id) for m, _ in messages}) == len(messages)

@@ -299,7 +299,10 @@ def _reply_with(arrays, metrics):
                    dst_node_id=0, message_type="train")
 
 
-def test_malformed_or_non_finite_replies_are_rejected_not_aggregated(tmp_path):
+@pytest.mark.parametrize("client_mode", ["virtual", "nodes"])
+def test_malformed_or_non_finite_replies_are_rejected_not_aggregated(tmp_path, client_mode):
+    """Simulation (a worker's share per message, here one client each) and deployment (one
+    client per SuperNode): a NaN update or an unclipped bit of 1e6 is rejected, counted failed."""
     def tamper(reply):
         if reply.has_error():
             return reply
@@ -309,15 +312,21 @@ def test_malformed_or_non_finite_replies_are_rejected_not_aggregated(tmp_path):
             first = next(iter(state))
             state[first] = state[first].clone().fill_(float("nan"))
         elif tamper.n % 3 == 2:  # a huge unclipped bit
-            reply.content["metrics"]["unclipped"] = 1e6
+            if "diagnostics" in reply.content:
+                reply.content["diagnostics"]["unclipped"] = [1e6]
+            else:
+                reply.content["metrics"]["unclipped"] = 1e6
         reply.content["arrays"] = ArrayRecord(state)
         return reply
 
     tamper.n = 0
     rc = compose_config(["num_clients=6", "clients_per_round=6", "sampling=all", "num_rounds=2", "privacy=central",
                          "privacy.target_epsilon=8", "privacy.clipping=adaptive", "privacy.clip_on=client",
-                         "strategy=fedavg", *QUIET, f"run_dir={tmp_path}"])
-    summary = run_federation(InProcessGrid(3, tamper=tamper), rc)
+                         "strategy=fedavg", f"client_mode={client_mode}", "placement.num_nodes=6", *QUIET,
+                         f"run_dir={tmp_path}"])
+    node_configs = [{"partition-id": i, "num-partitions": 6, "state-dir": str(tmp_path / "state")} for i in range(6)]
+    grid = InProcessGrid(6, tamper=tamper, node_configs=node_configs if client_mode == "nodes" else None)
+    summary = run_federation(grid, rc)
     raw = run_folder.read_jsonl(tmp_path / run_folder.DIAGNOSTICS)
     assert [r["num_failed"] for r in raw] == [4, 4] and [r["num_clients"] for r in raw] == [2, 2]
     assert math.isfinite(summary["final_loss"])
@@ -325,6 +334,20 @@ def test_malformed_or_non_finite_replies_are_rejected_not_aggregated(tmp_path):
     assert all(0.1 < n < 10 for n in norms)
     model = torch.load(tmp_path / "model.pt")
     assert all(torch.isfinite(v).all() for v in model.values())
+
+
+def test_a_share_whose_sum_exceeds_its_clients_bound_is_rejected(tmp_path):
+    """A worker's clipped sum can hold at most clients x C of norm; more is rejected."""
+    def inflate(reply):
+        if not reply.has_error():
+            state = reply.content["arrays"].to_torch_state_dict()
+            reply.content["arrays"] = ArrayRecord({k: v * 1000 + 1 for k, v in state.items()})
+        return reply
+
+    rc = compose_config(CENTRAL + ["sampling=all", "clients_per_round=8", f"run_dir={tmp_path}"])
+    run_federation(InProcessGrid(2, tamper=inflate), rc)
+    raw = run_folder.read_jsonl(tmp_path / run_folder.DIAGNOSTICS)
+    assert [r["num_clients"] for r in raw] == [0, 0] and [r["num_failed"] for r in raw] == [8, 8]
 
 
 def test_plain_aggregation_rejects_a_non_finite_weight():

@@ -140,21 +140,19 @@ class CentralGaussianMechanism:
         return make_gaussian_sampler("numpy", (self._seed + 104_729) * 1_000_003 + server_round)
 
     # -- the release ------------------------------------------------------------------------------
-    def release(self, server_round: int, client_updates: list[Arrays], global_arrays: Arrays,
-                reported_unclipped: list[float | None] | None = None) -> Release:
-        """Clip, sum, noise and average this round's updates; record the release in the ledger.
+    @property
+    def round_clip_norm(self) -> float:
+        """The clip norm of the current round (fixed by :meth:`start_round`)."""
+        return self._round_clip_norm if self._round_clip_norm is not None else self.clipping.norm
 
-        Args:
-            client_updates: each replying client's model minus the global model (raw).
-            reported_unclipped: per client, the unclipped bit it reported (client clipping), or
-                None to use the server's own check.
+    def clip_and_sum(self, client_updates: list[Arrays], global_arrays: Arrays,
+                     reported_unclipped: list[float | None] | None = None) -> tuple[Arrays, list[float], list[float]]:
+        """Clip each update to the round's norm and sum them: (sum, unclipped bits, raw norms).
+
+        ``reported_unclipped``: per client, the unclipped bit it reported (client clipping), or
+        None to use the server's own check.
         """
-        updates.check_float_arrays(global_arrays)
-        clip_norm = self._round_clip_norm if self._round_clip_norm is not None else self.clipping.norm
-        z_total = self.noise_multiplier(server_round)
-        adaptive_noise = self.clipping.adaptive and z_total > 0
-        z_update = update_noise_for_total(z_total, self.clipping.count_stddev) if adaptive_noise else z_total
-
+        clip_norm = self.round_clip_norm
         total = {k: np.zeros(v.shape, dtype=np.float64) for k, v in global_arrays.items()}
         norms, bits = [], []
         for i, delta in enumerate(client_updates):
@@ -163,6 +161,29 @@ class CentralGaussianMechanism:
             norms.append(norm)
             reported = reported_unclipped[i] if reported_unclipped is not None else None
             bits.append(float(reported) if reported is not None else (0.0 if was_clipped else 1.0))
+        return total, bits, norms
+
+    def release(self, server_round: int, client_updates: list[Arrays], global_arrays: Arrays,
+                reported_unclipped: list[float | None] | None = None) -> Release:
+        """Clip, sum, noise and average this round's raw updates (see :meth:`release_sum`)."""
+        total, bits, norms = self.clip_and_sum(client_updates, global_arrays, reported_unclipped)
+        return self.release_sum(server_round, total, bits, norms, global_arrays)
+
+    def release_sum(self, server_round: int, total: Arrays, bits: list[float], norms: list[float],
+                    global_arrays: Arrays) -> Release:
+        """Noise and average a sum of updates each clipped to the round's norm; record the release.
+
+        Args:
+            total: the sum of the round's clipped updates (one per client that replied).
+            bits: each of those clients' unclipped bit (adaptive clipping's count).
+            norms: their raw norms (an operator-only diagnostic).
+        """
+        updates.check_float_arrays(global_arrays)
+        clip_norm = self.round_clip_norm
+        z_total = self.noise_multiplier(server_round)
+        adaptive_noise = self.clipping.adaptive and z_total > 0
+        z_update = update_noise_for_total(z_total, self.clipping.count_stddev) if adaptive_noise else z_total
+        total = {k: np.asarray(v, dtype=np.float64) for k, v in total.items()}
 
         canaries_in = 0
         if self.hook is not None:  # inserted canaries sampled this round join the clipped sum, before the noise
@@ -200,7 +221,7 @@ class CentralGaussianMechanism:
             "update_norm_p10": float(q[0]),
             "update_norm_p50": float(q[1]),
             "update_norm_p90": float(q[2]),
-            "cohort_size": len(client_updates),
+            "cohort_size": len(bits),
         }
         if self.hook is not None:
             metrics["audit_canaries_in_round"] = canaries_in

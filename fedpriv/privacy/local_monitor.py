@@ -92,8 +92,13 @@ class LocalPrivacyMonitor:
         if not self.enabled:
             return
         for msg in replies:
-            client = msg.content["client"] if "client" in msg.content else None
-            self.observe_metrics(server_round, msg.content["metrics"], None if client is None else client.get("key"))
+            if "clients" in msg.content:  # a worker's share: one report per client, as lists
+                local, keys = msg.content["local"], list(msg.content["clients"]["keys"])
+                for i, key in enumerate(keys):
+                    self.observe_metrics(server_round, {f: local[f][i] for f in local}, key)
+            elif "clients-trained" not in msg.content["metrics"]:
+                client = msg.content["client"] if "client" in msg.content else None
+                self.observe_metrics(server_round, msg.content["metrics"], None if client is None else client.get("key"))
         for key in _UNAVERAGEABLE:
             record.pop(key, None)
         eps = self.epsilons()
