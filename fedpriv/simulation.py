@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import socket
 from pathlib import Path
 from typing import Any
 
@@ -25,11 +26,34 @@ def visible_gpus() -> int:
         return 0
 
 
+def check_cluster_address(address: str, timeout: float = 5.0) -> None:
+    """An explicit ``host:port`` of a Ray head that answers; never ``auto``, which would join
+    whatever cluster runs on this machine, perhaps another program's."""
+    if address == "auto" or ":" not in address:
+        raise ConfigError(f"config key 'placement.address': {address!r}; give the Ray head's HOST:PORT (the address "
+                          "`ray start --head` prints), so that a run never joins another program's cluster")
+    host, _, port = address.rpartition(":")
+    host = host.removeprefix("ray://")
+    try:
+        with socket.create_connection((host, int(port)), timeout=timeout):
+            pass
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"config key 'placement.address': no Ray head answers at {address} within {timeout:g} s "
+                          f"({type(exc).__name__}); start it with `ray start --head` or fix the address") from None
+
+
 def check_placement(pl: PlacementConfig, gpus_available: int | None = None) -> None:
-    """Refuse a GPU placement on a machine with no GPU, before Ray starts (Ray would stall)."""
+    """Refuse, before Ray starts, a placement this machine cannot host: GPUs it does not have, a
+    client actor larger than the machine (Ray would idle every round until the timeout), or a
+    cluster address that is implicit or does not answer."""
     gpus = visible_gpus() if gpus_available is None else gpus_available
-    if pl.address is not None:
-        return  # an existing cluster: its GPUs are not ours to count
+    if pl.name == "cluster" or pl.address is not None:
+        check_cluster_address(str(pl.address or "auto"))
+        return  # an existing cluster: its CPUs and GPUs are not ours to count
+    cpus = pl.num_cpus or os.cpu_count() or 1
+    if pl.num_cpus_per_client > cpus:
+        raise ConfigError(f"config key 'placement.num_cpus_per_client': {pl.num_cpus_per_client:g} CPUs per client, "
+                          f"but Ray has {cpus} here: no client could ever run; allowed: at most {cpus}")
     wants_gpu = pl.num_gpus_per_client > 0 or pl.server_device == "cuda"
     if wants_gpu and gpus == 0:
         raise ConfigError(

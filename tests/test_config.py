@@ -66,9 +66,30 @@ def test_ray_resource_mapping():
     assert concurrent_clients(gpu, cpus=4, gpus=2) == 4  # CPU-bound
     cpu = compose_config("placement=cpu placement.num_cpus_per_client=0.5").placement
     assert concurrent_clients(cpu, cpus=2) == 4
-    cluster = compose_config("placement=cluster").placement
-    assert backend_config(cluster)["init_args"]["address"] == "auto"
-    check_placement(cluster, gpus_available=0)  # an existing cluster's GPUs are not counted here
+
+
+def test_a_placement_the_machine_cannot_host_is_refused_quickly():
+    import socket
+
+    too_big = compose_config("placement.num_cpus_per_client=64 placement.num_cpus=2").placement
+    with pytest.raises(ConfigError, match="num_cpus_per_client"):
+        check_placement(too_big, gpus_available=0)
+    for address in (None, "auto"):  # never join whatever cluster runs here
+        cluster = compose_config("placement=cluster" + (f" placement.address={address}" if address else "")).placement
+        with pytest.raises(ConfigError, match="HOST:PORT"):
+            check_placement(cluster, gpus_available=0)
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    silent = compose_config(f"placement=cluster placement.address=127.0.0.1:{port}").placement
+    with pytest.raises(ConfigError, match="no Ray head answers"):  # within the 5 s connect timeout
+        check_placement(silent, gpus_available=0)
+    with socket.socket() as head:  # a head that answers: accepted, its resources not counted here
+        head.bind(("127.0.0.1", 0))
+        head.listen()
+        there = compose_config(f"placement=cluster placement.address=127.0.0.1:{head.getsockname()[1]}").placement
+        check_placement(there, gpus_available=0)
+        assert backend_config(there)["init_args"]["address"] == there.address
 
 
 def test_simulated_nodes_are_the_workers_not_the_clients():
