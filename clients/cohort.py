@@ -29,7 +29,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 from clients.identity import client_key
-from clients.local_update import run_local_update
+from clients.local_update import local_update
 from fedpriv import updates
 from fedpriv.client_state import ClientStateStore
 from fedpriv.config import RunConfig
@@ -55,13 +55,13 @@ def train_share(rc: RunConfig, cfg: ConfigRecord, arrays: ArrayRecord, node_conf
     losses: list[float] = []
     keys: list[str] = []
     local: dict[str, list[float]] = {f: [] for f in LOCAL_FIELDS}
+    model = new_model(rc)  # one model for the share, reset to the global model for every client
     for cid in [int(c) for c in cfg["client-ids"]]:
         try:
             key = client_key(rc.client_mode, cid, node_config)
             data = load_client_data(rc, cid, node_config)
-            model = new_model(rc)
             model.load_state_dict(global_state)
-            out, metrics = run_local_update(rc, {"server-round": cfg["server-round"]}, data, model, store, key)
+            new, metrics = local_update(rc, {"server-round": cfg["server-round"]}, data, model, store, key)
         except Exception as exc:  # noqa: BLE001 - one client's fault never cripples the share
             failed += 1
             log.info("client %d failed: %s: %s", cid, type(exc).__name__, exc)
@@ -73,7 +73,6 @@ def train_share(rc: RunConfig, cfg: ConfigRecord, arrays: ArrayRecord, node_conf
         if float(metrics.get("declined", 0.0)):
             declined += 1
             continue
-        new = updates.from_record(out)
         problem = updates.update_problem(new, received)
         if problem is not None:
             rejected += 1

@@ -35,7 +35,16 @@ def clip_update_on_client(received: dict[str, np.ndarray], trained: dict[str, np
 def run_local_update(
     rc: RunConfig, cfg: ConfigRecord, data: ClientData, model: nn.Module, store: ClientStateStore, client_key: str
 ) -> tuple[ArrayRecord, dict[str, Any]]:
-    """Train one round; returns the arrays and the metrics the reply carries.
+    """One client's round as its reply carries it: (arrays, metrics); see :func:`local_update`."""
+    trained, metrics = local_update(rc, cfg, data, model, store, client_key)
+    return updates.to_record(trained), metrics
+
+
+def local_update(
+    rc: RunConfig, cfg: ConfigRecord | dict[str, Any], data: ClientData, model: nn.Module, store: ClientStateStore,
+    client_key: str,
+) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """Train one round; returns the trained model's arrays and the metrics the reply carries.
 
     Args (privacy meaning):
         store: the client's own persistent state (its DP-SGD ledger lives there).
@@ -77,4 +86,4 @@ def run_local_update(
         trained = {k: v.detach().cpu().numpy() for k, v in model.state_dict().items()}
     if "clip-norm" in cfg:
         trained, metrics["unclipped"] = clip_update_on_client(received, trained, float(cfg["clip-norm"]))
-    return updates.to_record(trained), metrics
+    return trained, metrics
