@@ -25,7 +25,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from fedpriv.config import ConfigError, RunConfig, allowed_keys, omegaconf_message, parse_config
+from fedpriv.config import ConfigError, RunConfig, allowed_keys, explicit_keys, omegaconf_message, parse_config
 from fedpriv.config_schema import group_schemas, register_schemas, selector_key
 from fedpriv.data import check_data_root
 
@@ -135,7 +135,7 @@ def validate_composed(cfg: DictConfig) -> RunConfig:
                               f"allowed: choose the option with the group alone ({instead})")
     container = OmegaConf.to_container(cfg, resolve=False)
     container.pop("hydra", None)  # type: ignore[union-attr]
-    rc = parse_config(container)  # type: ignore[arg-type]
+    rc = parse_config(container, explicit_keys(cfg.hydra.overrides.task))  # type: ignore[arg-type]
     check_data_root(rc.data.root)
     return rc
 

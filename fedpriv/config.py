@@ -36,6 +36,7 @@ from fedpriv.config_schema import (
     TrackingConfig,
     TrainConfig,
     field_default,
+    group_schemas,
 )
 from fedpriv.data import DATASETS, SCHEMES
 from fedpriv.errors import ConfigError
@@ -54,8 +55,14 @@ SCHEDULES = ("constant", "linear", "cosine", "step", "phases")  # fedpriv.privac
 INFINITY_ALLOWED = ("privacy.target_epsilon",)
 
 
-def parse_config(cfg: DictConfig | dict) -> RunConfig:
-    """Merge a composed config into the schema; refuse unknown keys and wrong types in one line."""
+def parse_config(cfg: DictConfig | dict, explicit: set[str] | None = None) -> RunConfig:
+    """Merge a composed config into the schema; refuse unknown keys and wrong types in one line.
+
+    ``explicit``: the value keys the user set on the command line (None: treat every key as set).
+    A value the chosen option never reads is refused if the user set it, and reset to its default
+    if a preset set it (``experiment=quickstart privacy=none``: the preset's privacy settings do
+    not apply to the non-private twin, and saying so is not the user's mistake).
+    """
     if isinstance(cfg, DictConfig):
         cfg = OmegaConf.to_container(cfg, resolve=True)  # type: ignore[assignment]
     cfg = dict(cfg)  # type: ignore[arg-type]
@@ -65,7 +72,7 @@ def parse_config(cfg: DictConfig | dict) -> RunConfig:
         rc: RunConfig = OmegaConf.to_object(merged)  # type: ignore[assignment]
     except OmegaConfBaseException as exc:
         raise ConfigError(omegaconf_message(exc)) from None
-    check_config(rc)
+    check_config(rc, explicit)
     return rc
 
 
@@ -101,7 +108,7 @@ def _one_of(value: str, allowed: tuple[str, ...], key: str) -> None:
     _require(value in allowed, key, f"got {value!r}; allowed: {', '.join(allowed)}")
 
 
-def check_config(rc: RunConfig) -> None:
+def check_config(rc: RunConfig, explicit: set[str] | None = None) -> None:
     """Refuse non-finite numbers, values out of range and values the chosen option never reads."""
     _check_finite(rc)
     _require(rc.num_clients >= 1, "num_clients", f"must be >= 1, got {rc.num_clients}")
@@ -216,7 +223,24 @@ def check_config(rc: RunConfig) -> None:
         "audit.noise_scale",
         "only an audit run (audit.enabled=true) may scale the noise actually drawn",
     )
-    _check_read(rc, "")
+    _check_read(rc, "", explicit)
+
+
+_GROUPS = set(group_schemas()) | {"experiment"}  # a group choice (privacy=none) is not a value key
+
+
+def explicit_keys(overrides: Any) -> set[str]:
+    """The value keys a list of Hydra overrides sets (``privacy.target_epsilon=8`` -> that key)."""
+    keys = set()
+    for override in overrides:
+        key = str(override).split("=", 1)[0].lstrip("+~")
+        if "." in key or key not in _GROUPS:
+            keys.add(key)
+    return keys
+
+
+def _set_by(key: str, explicit: set[str] | None) -> bool:
+    return explicit is None or any(key == e or key.startswith(e + ".") for e in explicit)
 
 
 def _non_finite(value: Any) -> bool:
@@ -257,19 +281,22 @@ def _option(node: Any, path: str, selector: str, value: Any = dataclasses.MISSIN
     return f"{path.rstrip('.')}={_text(value)}" if selects else f"{path}{selector}={_text(value)}"
 
 
-def _check_read(node: Any, path: str) -> None:
-    """A value that the chosen option never reads (``strategy.eta`` under fedavg) is a mistake:
-    refuse it rather than run something other than what was asked for."""
+def _check_read(node: Any, path: str, explicit: set[str] | None) -> None:
+    """A value that the chosen option never reads (``strategy.eta`` under fedavg) is a mistake
+    when the user set it: refuse it rather than run something other than what was asked for. One
+    a preset set is reset to its default."""
     for f in dataclasses.fields(node):
         value = getattr(node, f.name)
         selector, readers = f.metadata.get("read_if", (None, ()))
         if selector is not None and getattr(node, selector) not in readers:
             key = _first_difference(value, field_default(f), f"{path}{f.name}")
-            if key is not None:
+            if key is not None and not _set_by(key, explicit):
+                setattr(node, f.name, field_default(f))
+            elif key is not None:
                 raise ConfigError(f"config key '{key}': not read with {_option(node, path, selector)} (it would be "
                                   f"ignored); allowed only with {' or '.join(_option(node, path, selector, r) for r in readers)}")
         elif dataclasses.is_dataclass(value):
-            _check_read(value, f"{path}{f.name}.")
+            _check_read(value, f"{path}{f.name}.", explicit)
 
 
 def to_dict(rc: RunConfig) -> dict[str, Any]:

@@ -10,7 +10,7 @@ import math
 import sys
 from typing import Any
 
-from fedpriv.config import ConfigError, RunConfig, parse_config
+from fedpriv.config import ConfigError, RunConfig, explicit_keys, parse_config
 from fedpriv.errors import UserError
 from fedpriv.logs import configure_logging
 from fedpriv.preflight import preflight
@@ -29,7 +29,8 @@ def launch(container: dict[str, Any], hydra_config: Any = None) -> float:
     """Validate, preflight and run; returns the final test accuracy (the value sweepers optimise)."""
     configure_logging()
     try:
-        rc = parse_config(container)
+        explicit = explicit_keys(hydra_config.overrides.task) if hydra_config is not None else None
+        rc = parse_config(container, explicit)
         warnings = preflight(rc)
     except (ConfigError, UserError, ValueError) as exc:
         fail(str(exc))

@@ -117,3 +117,15 @@ def test_each_worker_gets_one_balanced_share_of_the_cohort(flower_run_identity):
         assert [len(sh) for sh in shares] == [n for _, n in messages]
         assert max(map(len, shares), default=0) - min(map(len, shares), default=0) <= 1
         assert len({int(m.metadata.dst_node_id) for m, _ in messages}) == len(messages)
+
+
+def test_a_presets_non_private_twin_composes_but_a_users_unread_key_is_refused():
+    """experiment=quickstart privacy=none: the preset's privacy values do not apply and are reset;
+    the same value typed by the user is refused (it would be silently ignored)."""
+    twin = compose_config("experiment=quickstart privacy=none")
+    assert twin.privacy.mode == "none" and twin.privacy.target_epsilon is None
+    assert twin.privacy.clipping == "fixed" and twin.num_clients == 300  # the rest of the preset stays
+    with pytest.raises(ConfigError, match="privacy.target_epsilon"):
+        compose_config("privacy=none privacy.target_epsilon=8")
+    with pytest.raises(ConfigError, match="privacy.target_epsilon"):
+        compose_config("experiment=quickstart privacy=none privacy.target_epsilon=8")
