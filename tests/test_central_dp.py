@@ -226,3 +226,64 @@ def test_final_report_of_an_unnoised_run_says_there_is_no_guarantee():
     assert "epsilon inf (NO privacy guarantee) at delta 1.00e-05" in text
     summary["epsilon"] = 7.9591
     assert "epsilon 7.959 at delta" in final_report(summary, rc)
+
+
+def _share(deltas: list[dict[str, np.ndarray]], clip_norm: float) -> Message:
+    """A worker's reply for several clients, as clients.cohort builds it: the clipped sum."""
+    from fedpriv import updates
+
+    total = {k: np.zeros(v.shape) for k, v in deltas[0].items()}
+    bits, norms = [], []
+    for d in deltas:
+        clipped, norm, was = updates.clip({k: v.astype(np.float64) for k, v in d.items()}, clip_norm)
+        total = updates.add(total, clipped)
+        bits.append(0.0 if was else 1.0)
+        norms.append(norm)
+    content = RecordDict({
+        "arrays": to_record(total),
+        "metrics": MetricRecord({"num-examples": float(len(deltas)), "clients-trained": len(deltas),
+                                 "clients-failed": 0, "clients-declined": 0, "clients-rejected": 0,
+                                 "clipped-sum": 1.0}),
+        "diagnostics": MetricRecord({"unclipped": bits, "update-norms": norms, "train-losses": []}),
+    })
+    return Message(content, dst_node_id=1, message_type="train")
+
+
+def test_a_workers_clipped_sum_releases_what_the_clients_own_replies_would():
+    """The same clients, as three replies or as one worker's share: the same release and figures."""
+    rng = np.random.default_rng(3)
+    base = model_arrays(50)
+    deltas = [{k: rng.normal(0, s, v.shape).astype(np.float32) for k, v in base.items()} for s in (0.01, 0.5, 2.0)]
+    results = []
+    for as_share in (False, True):
+        agg = make_agg("num_clients=40 clients_per_round=4 privacy=central privacy.noise_multiplier=1.0 "
+                       "privacy.clipping=adaptive privacy.secure_rng=false")
+        agg.mechanism.noise_scale = 0.0  # compare the signal; the noise is the same code either way
+        agg.begin_round(1, to_record(base), FakeGrid())
+        replies = ([_share(deltas, agg.mechanism.round_clip_norm)] if as_share
+                   else [reply({k: base[k] + d[k] for k in base}) for d in deltas])
+        assert all(agg.reply_problem(m, base) is None for m in replies)
+        new, metrics = agg.aggregate(1, to_record(base), replies)
+        results.append((new.to_torch_state_dict(), metrics, agg.mechanism.clipping.norm))
+    (a, ma, na), (b, mb, nb) = results
+    for k in a:
+        np.testing.assert_allclose(a[k].numpy(), b[k].numpy(), rtol=1e-5, atol=1e-7)
+    for key in ("epsilon", "noise_std", "clip_norm", "cohort_size", "update_norm_p50"):
+        assert ma[key] == pytest.approx(mb[key])
+    assert na == pytest.approx(nb)  # adaptive clipping moved the norm the same way
+
+
+def test_an_end_to_end_run_reports_the_epsilon_dp_accounting_computes(tmp_path, flower_run_identity):
+    """Through the engine and workers' shares: the run's epsilon against dp-accounting's PLD."""
+    from conftest import InProcessGrid
+    from fedpriv.federation import run_federation
+
+    rc = compose_config(["num_clients=20", "clients_per_round=5", "num_rounds=3", "privacy=central",
+                         "privacy.noise_multiplier=0.9", "privacy.target_epsilon=null", "privacy.delta=1e-5",
+                         "tracking.progress=false", f"run_dir={tmp_path}"])
+    summary = run_federation(InProcessGrid(2), rc)
+    independent = _pld_epsilon(0.9, 0.25, 3, 1e-5)
+    assert summary["epsilon"] >= independent * 0.999  # never below the independent figure
+    assert summary["epsilon"] == pytest.approx(independent, rel=0.02)
+    report = json.loads((tmp_path / "privacy.json").read_text())
+    assert report["epsilon"] == summary["epsilon"] and report["delta"] == 1e-5
