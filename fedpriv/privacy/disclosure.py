@@ -88,6 +88,8 @@ def outputs_section(mode: str, published_round_keys: Iterable[str], opt_in_track
         "operator_only/": "OPERATOR ONLY, not covered by the guarantee: diagnostics.jsonl (raw per-round figures), "
                           "privacy_details.json (per-client tables that reveal participation), "
                           "simulated_client_state/ (the simulated clients' own ledgers)",
+        "simulate.log, .hydra/": "OPERATOR ONLY: Hydra's job log (fedpriv's log lines, which can name failed or "
+                                 "rejected clients) and the composed configuration",
         "checkpoint.pt": "OPERATOR ONLY: the model, the strategy's and the ledgers' state and the last round's records, "
                          "to resume; never any random generator state of a private run",
     }
