@@ -48,10 +48,10 @@ def _setup(msg: Message, context: Context):
 
 def client_store(rc: RunConfig, cfg: ConfigRecord, node_config: dict) -> ClientStateStore:
     """The client's own state folder: the simulated clients' disk the server names in simulation,
-    the SuperNode's ``state-dir`` (one sub-folder per run) in deployment."""
+    the SuperNode's ``state-dir`` in deployment (one ledger across runs: not chosen by the server)."""
     if rc.client_mode == "virtual":
         return ClientStateStore(str(cfg["client-state-dir"]))
-    return ClientStateStore(node_state_dir(node_config, str(cfg["run-id"])))
+    return ClientStateStore(node_state_dir(node_config))
 
 
 @app.train()

@@ -9,9 +9,9 @@ rename, fsync the folder) *before* the client's reply leaves it.
 Where the folder is:
 
 * on a real SuperNode, the node's ``--node-config`` key ``state-dir`` (default
-  ``$FEDPRIV_CLIENT_STATE`` or ``~/.fedpriv/client-state``), one sub-folder per run
-  (the run's id travels in every train message), so a restarted SuperNode continues its ledger
-  and keeps refusing rounds past its budget;
+  ``$FEDPRIV_CLIENT_STATE`` or ``~/.fedpriv/client-state``), one ledger per client across every
+  run (nothing the server sends selects it), so a restarted SuperNode continues its ledger and
+  keeps refusing rounds past its budget;
 * in simulation, the folder the server names in the train message
   (``<run folder>/operator_only/simulated_client_state``): the virtual clients' disks. It is
   kept with the run and read again when the run resumes. It reveals which client took part in
@@ -107,7 +107,12 @@ class ClientStateStore:
         return sorted(p.stem for p in self.directory.glob("*.json"))
 
 
-def node_state_dir(node_config: dict[str, Any], run_id: str) -> Path:
-    """A SuperNode's state folder for one run: ``state-dir`` from ``--node-config``, else the default."""
+def node_state_dir(node_config: dict[str, Any]) -> Path:
+    """A SuperNode's state folder: ``state-dir`` from ``--node-config``, else the default.
+
+    One ledger per client for every run it takes part in: the run id comes from the server, and a
+    ledger keyed by it would let a server (or a restarted one that could not resume) start a fresh
+    ledger; spend across runs over the same data composes anyway.
+    """
     base = node_config.get("state-dir") or os.environ.get(STATE_DIR_ENV) or DEFAULT_STATE_DIR
-    return Path(str(base)).expanduser() / safe_name(run_id)
+    return Path(str(base)).expanduser()

@@ -139,9 +139,11 @@ def test_a_restarted_supernode_continues_its_ledger_and_keeps_refusing(tmp_path)
     assert second.content["metrics"]["declined"] == 1.0
     assert second.content["metrics"]["local_epsilon"] == pytest.approx(one, rel=1e-9)
     assert second.content["metrics"]["local_rounds"] == 1.0
-    # Another run on the same node has its own ledger (its own sub-folder of state-dir).
+    # A new run id (another run, or a server that wants a fresh ledger) selects nothing: the spend
+    # of every run over the same data composes, and the client still refuses.
     other = client_app.train_handler(_node_message(rc_budget, 1, position=0, run_id="run-b"), _fresh_node(node_config))
-    assert other.content["metrics"]["declined"] == 0.0
+    assert other.content["metrics"]["declined"] == 1.0
+    assert other.content["metrics"]["local_epsilon"] == pytest.approx(one, rel=1e-9)
 
 
 def test_the_ledger_key_depends_on_the_node_alone(tmp_path):

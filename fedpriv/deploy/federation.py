@@ -67,7 +67,7 @@ def node_config_string(index: int, num_nodes: int, data_path: Optional[str] = No
                        state_dir: Optional[str] = None) -> str:
     """``--node-config`` for node ``index``; values are TOML, so a path is quoted.
 
-    ``state-dir`` is where the client keeps its own DP-SGD ledger (one sub-folder per run); a
+    ``state-dir`` is where the client keeps its own DP-SGD ledger (one ledger across runs); a
     restarted SuperNode with the same ``state-dir`` continues it (default ``~/.fedpriv/client-state``).
     """
     cfg = f"data-path={json.dumps(str(data_path))}" if data_path is not None else f"partition-id={index} num-partitions={num_nodes}"
