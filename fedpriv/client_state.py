@@ -30,6 +30,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+from fedpriv.durable import durable_write_text
 from fedpriv.errors import ClientError
 
 DEFAULT_STATE_DIR = Path.home() / ".fedpriv" / "client-state"
@@ -84,19 +85,7 @@ class ClientStateStore:
     def save(self, key: str, record: dict[str, Any]) -> None:
         """Write ``record`` so that a crash at any point leaves the old or the new one, whole."""
         try:
-            self.directory.mkdir(parents=True, exist_ok=True)
-            path = self.path(key)
-            tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-            with open(tmp, "w") as f:
-                f.write(json.dumps(record, sort_keys=True))
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-            fd = os.open(self.directory, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            durable_write_text(self.path(key), json.dumps(record, sort_keys=True))
         except OSError as exc:
             raise ClientStateError(f"cannot write client state in {self.directory}: {exc}") from None
 

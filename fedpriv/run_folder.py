@@ -35,6 +35,7 @@ import torch
 import yaml
 
 from fedpriv.config import RunConfig, to_dict
+from fedpriv.durable import durable_write, durable_write_text
 from fedpriv.errors import RunFolderError
 
 log = logging.getLogger("fedpriv")
@@ -73,11 +74,7 @@ def jsonable(value: Any) -> Any:
 
 def write_json(path: str | Path, obj: Any) -> None:
     """Atomically: a reader sees the old file or the new one, whole."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(jsonable(obj), indent=2, default=str) + "\n")
-    os.replace(tmp, path)
+    durable_write_text(path, json.dumps(jsonable(obj), indent=2, default=str) + "\n")
 
 
 def append_jsonl(path: str | Path, record: dict[str, Any]) -> None:
@@ -109,10 +106,7 @@ def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
 
 
 def rewrite_jsonl(path: str | Path, records: list[dict[str, Any]]) -> None:
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("".join(json.dumps(jsonable(r)) + "\n" for r in records))
-    os.replace(tmp, path)
+    durable_write_text(path, "".join(json.dumps(jsonable(r)) + "\n" for r in records))
 
 
 def keep_rounds_up_to(path: str | Path, last_round: int) -> list[dict[str, Any]]:
@@ -139,12 +133,7 @@ def read_summary(run_dir: str | Path) -> dict[str, Any]:
 def save_checkpoint(run_dir: str | Path, state: dict[str, Any]) -> Path:
     """Write atomically and durably: a crash mid-write leaves the previous checkpoint intact."""
     path = Path(run_dir) / CHECKPOINT
-    tmp = path.with_suffix(".pt.tmp")
-    with open(tmp, "wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    durable_write(path, lambda f: torch.save(state, f))
     return path
 
 
