@@ -1,6 +1,7 @@
 """The engine's callbacks: evaluation, the local-DP monitor, disclosure, checkpoints, trackers.
 
-The app calls them in this order, which is part of the privacy contract:
+The app calls them in this order (after ``federation.RunSummary``, which only fills the summary),
+which is part of the privacy contract:
 
 1. :class:`CentralEvaluation` -- the released model on the server's test split;
 2. :class:`LocalPrivacy` -- clients' own DP-SGD reports into the server's table;
@@ -110,7 +111,7 @@ class Disclosure(Callback):
     def after_round(self, state: RunState, result: RoundResult) -> bool:
         seconds = time.time() - result.started
         result.record["round_seconds"] = seconds
-        result.record["client_updates_per_second"] = len(result.aggregated) / seconds if seconds > 0 else 0.0
+        result.record["client_updates_per_second"] = result.record["num_clients"] / seconds if seconds > 0 else 0.0
         result.published, result.operator = split_round(result.record, self.rc.privacy.mode,
                                                         self.aggregator.covered_metric_keys())
         self.published_keys |= set(result.published)

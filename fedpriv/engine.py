@@ -135,31 +135,44 @@ class Population:
         return replies, sum(n for node, n in sizes.items() if node not in answered)
 
 
-def reply_counts(reply: Message, share_size: int) -> dict[str, int]:
-    """How many clients a reply accounts for: trained (in its arrays), declined, failed, rejected."""
+def reply_counts(reply: Message, share_size: int, shares: bool) -> dict[str, int] | None:
+    """How many clients a reply accounts for: trained (in its arrays), declined, failed, rejected;
+    None for a malformed reply (missing records, wrong types, counts that do not add up to the
+    clients it was sent for, or a share where one client was asked)."""
     if reply.has_error():
         return {"trained": 0, "declined": 0, "failed": share_size, "rejected": 0}
-    m = reply.content["metrics"]
-    if "clients-trained" in m:  # a worker's share
-        return {"trained": int(m["clients-trained"]), "declined": int(m["clients-declined"]),
-                "failed": int(m["clients-failed"]), "rejected": int(m["clients-rejected"])}
-    declined = int(float(m.get("declined", 0.0)) != 0.0)
+    try:
+        m = reply.content["metrics"]
+        if "clients-trained" in m:  # a worker's share
+            if not shares:
+                return None
+            counts = {"trained": int(m["clients-trained"]), "declined": int(m["clients-declined"]),
+                      "failed": int(m["clients-failed"]), "rejected": int(m["clients-rejected"])}
+            ok = min(counts.values()) >= 0 and sum(counts.values()) == share_size
+            return counts if ok else None
+        declined = int(float(m.get("declined", 0.0)) != 0.0)
+    except (KeyError, TypeError, ValueError):
+        return None
     return {"trained": 1 - declined, "declined": declined, "failed": 0, "rejected": 0}
 
 
 # ------------------------------------------------------------------------------------ the loop
 
 
-def _aggregatable(aggregator: Aggregator, replies: list[Message], arrays: ArrayRecord, rnd: int) -> tuple[list[Message], int]:
+def _aggregatable(aggregator: Aggregator, replies: list[tuple[Message, dict[str, int]]], arrays: ArrayRecord,
+                  rnd: int) -> tuple[list[Message], int]:
     """Replies that hold trained clients and pass the aggregator's validation; how many clients
     the rejected ones held (counted as failed)."""
     global_np = updates.from_record(arrays)
     valid, rejected = [], 0
-    for m in replies:
-        trained = reply_counts(m, 0)["trained"]
+    for m, counts in replies:
+        trained = counts["trained"]
         if trained == 0:
             continue
-        problem = aggregator.reply_problem(m, global_np)
+        try:
+            problem = aggregator.reply_problem(m, global_np)
+        except (KeyError, TypeError, ValueError) as exc:
+            problem = f"malformed reply ({type(exc).__name__}: {exc})"
         if problem is None:
             valid.append(m)
         else:
@@ -189,22 +202,30 @@ def run_rounds(state: RunState, population: Population, aggregator: Aggregator, 
             if m.has_error():
                 log.info("round %d: client(s) failed: %s", rnd, m.error.reason)
         sizes = {int(m.metadata.dst_node_id): n for m, n in messages}
-        counts = [reply_counts(m, sizes.get(int(m.metadata.src_node_id), 1)) for m in replies]
-        ok = [m for m in replies if not m.has_error()]
+        counts, ok = [], []
+        for m in replies:
+            size = sizes.get(int(m.metadata.src_node_id), 1)
+            c = reply_counts(m, size, population.uses_shares)
+            if c is None:
+                log.warning("round %d: a malformed reply (%d client(s)) was counted as failed", rnd, size)
+                c = {"trained": 0, "declined": 0, "failed": size, "rejected": 0}
+            elif not m.has_error():
+                ok.append((m, c))
+            counts.append(c)
         trained, rejected = _aggregatable(aggregator, ok, state.arrays, rnd)
         new_arrays, metrics = aggregator.aggregate(rnd, state.arrays, trained)
         if new_arrays is not None:
             state.arrays = new_arrays
         record = {
             "round": rnd,
-            "num_clients": sum(reply_counts(m, 1)["trained"] for m in trained),
+            "num_clients": sum(c["trained"] for c in counts) - rejected,
             "num_sampled": len(cohort),
             "num_failed": sum(c["failed"] + c["rejected"] for c in counts) + rejected,
             "num_dropped": missing,
             "clients_declined": sum(c["declined"] for c in counts),
             **metrics,
         }
-        result = RoundResult(rnd, cohort, ok, trained, record, started=started)
+        result = RoundResult(rnd, cohort, [m for m, _ in ok], trained, record, started=started)
         stop = False
         for cb in callbacks:
             stop = bool(cb.after_round(state, result)) or stop

@@ -427,3 +427,26 @@ def test_the_report_states_the_relation_each_sampling_really_holds_under(tmp_pat
     cohort = compose_config(CENTRAL + ["privacy.noise_cohort_size=1000"])
     caveat = " ".join(build_aggregator(cohort).plan.caveats)
     assert "epsilon holds for this run as simulated" in caveat and "accuracy" in caveat
+
+
+def test_a_deployment_reply_posing_as_a_share_or_missing_its_metrics_is_counted_failed(tmp_path):
+    """One SuperNode is one client: a reply claiming to be a share of many (a way to put n x C into
+    the sum) or one without metrics is counted failed; the round and the run go on."""
+    def tamper(reply):
+        if reply.has_error():
+            return reply
+        tamper.n += 1
+        if tamper.n % 3 == 1:
+            reply.content["metrics"]["clients-trained"] = 5
+        elif tamper.n % 3 == 2:
+            reply.content = RecordDict({"arrays": reply.content["arrays"]})
+        return reply
+
+    tamper.n = 0
+    rc = compose_config(["num_clients=6", "clients_per_round=6", "sampling=all", "num_rounds=2", "privacy=central",
+                         "privacy.target_epsilon=8", "client_mode=nodes", *QUIET, f"run_dir={tmp_path}"])
+    node_configs = [{"partition-id": i, "num-partitions": 6} for i in range(6)]
+    summary = run_federation(InProcessGrid(6, tamper=tamper, node_configs=node_configs), rc)
+    raw = run_folder.read_jsonl(tmp_path / run_folder.DIAGNOSTICS)
+    assert [r["num_failed"] for r in raw] == [4, 4] and [r["num_clients"] for r in raw] == [2, 2]
+    assert summary["rounds_completed"] == 2 and math.isfinite(summary["final_loss"])
