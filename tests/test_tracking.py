@@ -408,3 +408,13 @@ def test_sweep_context_group_and_swept_tags(tmp_path, monkeypatch):
     rc = RunConfig()
     apply_sweep_context(rc, _hydra_cfg(sweep_dir, ["num_rounds=2"], 0, multirun=False))
     assert rc.tracking.group is None and rc.tracking.tags == [] and rc.tracking.name is None
+
+
+def test_online_wandb_does_not_upload_the_operators_console_of_a_private_run():
+    """The console shows operator-only counts and names failed clients: no capture when private."""
+    import wandb
+
+    from fedpriv.tracking.wandb_tracker import _settings
+
+    assert _settings(wandb, "online", capture_console=False).console == "off"
+    assert _settings(wandb, "online", capture_console=True).console != "off"

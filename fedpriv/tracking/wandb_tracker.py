@@ -181,12 +181,16 @@ def _timeout(name: str, default: float) -> float:
         return default
 
 
-def _settings(wandb: Any, mode: str) -> Any:
+def _settings(wandb: Any, mode: str, capture_console: bool = True) -> Any:
+    """wandb's settings. ``capture_console=False``: no stdout/stderr upload, since the console (the
+    operator's) shows operator-only counts and names failed clients."""
     wanted: dict[str, Any] = {
         "init_timeout": _timeout("FEDPRIV_WANDB_INIT_TIMEOUT", 60.0 if mode == "online" else 30.0),
     }
     if mode == "online":
         wanted["finish_timeout"] = _timeout("FEDPRIV_WANDB_FINISH_TIMEOUT", 300.0)
+        if not capture_console:
+            wanted["console"] = "off"
     else:
         wanted.update(
             console="off",  # no stdout/stderr capture (the progress bar and Ray logs stay as they are)
@@ -294,7 +298,8 @@ class WandbTracker:
 
     def _init(self, wandb: Any, kwargs: dict[str, Any], mode: str) -> Any:
         try:
-            return wandb.init(**kwargs, settings=_settings(wandb, mode))
+            private = self.cfg.privacy.mode != "none" and not self.tc.operator_diagnostics
+            return wandb.init(**kwargs, settings=_settings(wandb, mode, capture_console=not private))
         except TypeError as exc:  # an older wandb without some keyword (reinit strings, ...)
             if "reinit" not in kwargs:
                 self._warn("init", exc)
