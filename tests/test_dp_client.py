@@ -400,7 +400,8 @@ def test_monitor_state_survives_a_checkpoint():
 def test_monitor_flags_small_clients_and_broken_ledgers():
     mon = LocalPrivacyMonitor(local_rc("privacy.local.delta=0.05"))  # >= 1/50
     mon.observe_round(1, [_Reply(_metrics(0, 0.5, 1, rows=50))], {})
-    mon.observe_round(2, [_Reply(_metrics(0, 0.5, 1, rows=50))], {})  # the ledger forgot round 1
+    record: dict = {}
+    mon.observe_round(2, [_Reply(_metrics(0, 0.5, 1, rows=50))], record)  # the ledger forgot round 1
     section = mon.section()
     caveats = " ".join(section["caveats"])
     assert "not below 1/n for clients ['client-0']" in caveats
@@ -409,6 +410,7 @@ def test_monitor_flags_small_clients_and_broken_ledgers():
     assert row["rounds_participated"] == 2
     recomputed = independent_rdp(1.0, 0.125, 16, delta=0.05)  # the 16 steps the server saw
     assert recomputed > 0.5 and row["epsilon"] == pytest.approx(recomputed, rel=1e-6)
+    assert record["local_epsilon_max"] == pytest.approx(recomputed, rel=1e-6)  # the round's figure too
 
 
 # ------------------------------------------------------------------------------ end to end

@@ -126,7 +126,9 @@ class LocalPrivacyMonitor:
         e.releases.append((z, e.sample_rate, steps))
 
     def epsilons(self) -> list[float]:
-        return [e.epsilon for e in self.clients.values()]
+        """Each client's figure; a lost ledger's is at least what the releases the server saw cost
+        (the same rule as the end-of-run table, so a round's figure never reads lower)."""
+        return [e.epsilon if e.ledger_complete else max(e.epsilon, self._recomputed(e)) for e in self.clients.values()]
 
     # ------------------------------------------------------------------ end of run
 
