@@ -7,7 +7,7 @@ from pathlib import Path
 import tomli_w
 
 from fedpriv.compose import compose_config
-from fedpriv.config import ConfigError, RunConfig
+from fedpriv.config import ConfigError, RunConfig, explicit_keys
 from fedpriv.deploy.common import DeployError
 from fedpriv.errors import UserError
 from fedpriv.logs import configure_logging
@@ -30,17 +30,9 @@ def run_config_args(overrides: str, scratch: Path) -> list[str]:
     return ["--run-config", str(path)]
 
 
-def _override_keys(overrides: list[str]) -> set[str]:
-    keys = set()
-    for o in overrides:
-        key = o.split("=", 1)[0].lstrip("+~")
-        keys.add(key)
-    return keys
-
-
 def deployment_overrides(user: list[str], num_nodes: int, run_dir: Path) -> list[str]:
     """The launcher's overrides (one client per node, the run folder) followed by the user's."""
-    keys = _override_keys(user)
+    keys = explicit_keys(user)
     mine = ["client_mode=nodes", f"num_clients={num_nodes}"]
     if "clients_per_round" not in keys:
         mine.append(f"clients_per_round={num_nodes}")
@@ -48,8 +40,7 @@ def deployment_overrides(user: list[str], num_nodes: int, run_dir: Path) -> list
         mine.append(f"run_dir={run_dir}")
     out = []
     for o in user:
-        key = o.split("=", 1)[0].lstrip("+~")
-        if key == "run_dir" and "=" in o:
+        if explicit_keys([o]) == {"run_dir"} and "=" in o:
             o = f"run_dir={Path(o.split('=', 1)[1]).expanduser().resolve()}"
         out.append(o)
     return [o for o in mine if o.split("=", 1)[0] not in keys] + out
