@@ -91,7 +91,7 @@ def outputs_section(mode: str, published_round_keys: Iterable[str], opt_in_track
         "simulate.log, .hydra/": "OPERATOR ONLY: Hydra's job log (fedpriv's log lines, which can name failed or "
                                  "rejected clients) and the composed configuration",
         "checkpoint.pt": "OPERATOR ONLY: the model, the strategy's and the ledgers' state and the last round's records, "
-                         "to resume; never any random generator state of a private run",
+                         "to resume; never any random generator state of a run with privacy.secure_rng=true",
     }
 
 
