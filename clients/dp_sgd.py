@@ -79,8 +79,10 @@ class DPSGDResult:
     opacus_history: list[tuple[float, float, int]]  # Opacus's own accountant's view, a cross-check
 
 
-def _generator(seed: int | None) -> torch.Generator:
-    g = torch.Generator()
+def _generator(seed: int | None, device: str = "cpu") -> torch.Generator:
+    """A generator on ``device``: Opacus draws the noise where the gradients live (a CPU generator
+    for CUDA gradients fails), the DataLoader's Poisson batches on the CPU."""
+    g = torch.Generator(device=device)
     g.manual_seed(secrets.randbits(63) if seed is None else int(seed))
     return g
 
@@ -169,7 +171,7 @@ def train_dp_sgd(
                 poisson_sampling=True,
                 clipping=clipping,
                 grad_sample_mode=grad_sample_mode,
-                noise_generator=None if secure_mode else _generator(noise_seed),
+                noise_generator=None if secure_mode else _generator(noise_seed, device),
             )
         except Exception as exc:  # noqa: BLE001 - Opacus raises many types for unsupported layers
             raise DPSGDError(f"Opacus cannot wrap the model (grad_sample_mode={grad_sample_mode}): "

@@ -47,18 +47,29 @@ def manual_clipped_step(model, x, y, max_grad_norm: float, lr: float) -> list[to
     return [p.detach() - lr * t / len(x) for p, t in zip(model.parameters(), total)]
 
 
-def check_mode(rc, mode: str, x: np.ndarray, y: np.ndarray, physical: int) -> tuple[bool, str]:
+def check_mode(rc, mode: str, x: np.ndarray, y: np.ndarray, physical: int, device: str) -> tuple[bool, str]:
     """Does ``mode`` compute the clipped mean gradient (noise 0, q = 1, physical splits)?"""
     model = new_model(rc)
     expected = manual_clipped_step(new_model(rc), x, y, 0.5, 1.0)
     try:
         result = train_dp_sgd(model, x, y, epochs=1, batch_size=len(x), lr=1.0, noise_multiplier=0.0,
                               max_grad_norm=0.5, grad_sample_mode=mode, max_physical_batch_size=physical,
-                              sampling_seed=1, noise_seed=2)
+                              sampling_seed=1, noise_seed=2, device=device)
     except DPSGDError as exc:
         return False, str(exc).splitlines()[0][:80]
-    err = max(float((p.detach() - e).abs().max()) for p, e in zip(result.model.parameters(), expected))
+    err = max(float((p.detach().cpu() - e).abs().max()) for p, e in zip(result.model.parameters(), expected))
     return err < 1e-5, f"max |error| {err:.1e}"
+
+
+def _clock(device: str) -> float:
+    """perf_counter after the GPU has finished its queued work (CUDA kernels run asynchronously)."""
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    return time.perf_counter()
+
+
+def _device_name(device: str) -> str:
+    return torch.cuda.get_device_name(0) if device.startswith("cuda") else "cpu"
 
 
 def main() -> None:
@@ -69,6 +80,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--threads", type=int, default=1, help="torch threads (clients use 1)")
     ap.add_argument("--modes", default=",".join(GRAD_SAMPLE_MODES))
+    ap.add_argument("--device", default="cpu", help="cpu | cuda (timings synchronise the GPU)")
     args = ap.parse_args()
     warnings.filterwarnings("ignore")
     torch.set_num_threads(args.threads)
@@ -79,26 +91,29 @@ def main() -> None:
     modes = [m for m in args.modes.split(",") if m]
     print(f"Fashion-MNIST, model=cnn ({sum(p.numel() for p in new_model(rc).parameters()):,} parameters), "
           f"{len(x)} rows, batch {args.batch_size} (DP: Poisson, expected), physical {args.physical}, "
-          f"{args.threads} thread(s), torch {torch.__version__}", flush=True)
+          f"{args.threads} thread(s), torch {torch.__version__}, device {_device_name(args.device)}", flush=True)
 
     status = {}
     for mode in modes:
-        status[mode] = check_mode(rc, mode, x[:24], y[:24], physical=7)
+        status[mode] = check_mode(rc, mode, x[:24], y[:24], physical=7, device=args.device)
         print(f"  check {mode:9s}: {'ok' if status[mode][0] else 'FAILED'} ({status[mode][1]})", flush=True)
 
     def plain() -> float:
         model = new_model(rc)
-        t = time.perf_counter()
-        train(model, x, y, epochs=1, batch_size=args.batch_size, lr=0.05, generator=torch.Generator().manual_seed(0))
+        t = _clock(args.device)
+        train(model, x, y, epochs=1, batch_size=args.batch_size, lr=0.05, generator=torch.Generator().manual_seed(0),
+              device=args.device)
+        _clock(args.device)
         return (time.perf_counter() - t) / len(x) * 1000
 
     def private(mode: str):
         def run() -> float:
             model = new_model(rc)
-            t = time.perf_counter()
+            t = _clock(args.device)
             r = train_dp_sgd(model, x, y, epochs=1, batch_size=args.batch_size, lr=0.05, noise_multiplier=1.0,
                              max_grad_norm=1.0, grad_sample_mode=mode, max_physical_batch_size=args.physical,
-                             sampling_seed=0, noise_seed=0)
+                             sampling_seed=0, noise_seed=0, device=args.device)
+            _clock(args.device)
             return (time.perf_counter() - t) / max(r.examples_seen, 1) * 1000
         return run
 
