@@ -50,6 +50,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(HERE))
 
 from bench_engine_common import Workload, num_parameters
+from bench_engine_goals import print_goals
 
 from fedpriv.proctree import pss_kib, rss_kib, subtree
 from fedpriv.run_folder import DIAGNOSTICS, read_jsonl, read_summary
@@ -390,6 +391,8 @@ def main() -> int:
         results.append(m)
     print()
     print_table(results)
+    print()
+    print_goals(results, os.cpu_count() or 1)
     return 0 if check_trained(results) else 1
 
 
