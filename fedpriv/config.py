@@ -189,7 +189,7 @@ def check_config(rc: RunConfig, explicit: set[str] | None = None) -> None:
         f"must be >= 1, got {pr.noise_cohort_size}",
     )
     lo = pr.local
-    _one_of(lo.grad_sample_mode, GRAD_SAMPLE_MODES, "privacy.local.grad_sample_mode")
+    _one_of(lo.grad_sample_mode, ("auto", *GRAD_SAMPLE_MODES), "privacy.local.grad_sample_mode")
     _one_of(lo.clipping, ("flat", "per_layer"), "privacy.local.clipping")
     _require(lo.max_grad_norm > 0, "privacy.local.max_grad_norm", f"must be > 0, got {lo.max_grad_norm}")
     _require(0 < lo.delta < 1, "privacy.local.delta", f"must be in (0, 1), got {lo.delta}")

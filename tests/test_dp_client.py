@@ -455,3 +455,19 @@ def test_simulation_with_local_dp_keeps_ledgers_and_goes_on_after_declines(tmp_p
         assert row["rounds_participated"] == 2 and row["rounds_declined"] == 1
         assert row["steps"] == 2 * plans[c].steps
         assert row["epsilon"] == pytest.approx(two[c], rel=1e-6)
+
+
+def test_auto_grad_sample_mode_follows_the_measured_choice_and_trains_with_per_layer_clipping():
+    from clients.dp_sgd import choose_grad_sample_mode
+
+    assert choose_grad_sample_mode("auto", "cpu", "flat") == "ghost"  # 1.9x plain SGD on a CPU
+    assert choose_grad_sample_mode("auto", "cuda", "flat") == "hooks"  # 4.0x vs ghost's 5.6x on an H200
+    assert choose_grad_sample_mode("auto", "cpu", "per_layer") == "hooks"  # ghost clips flat only
+    assert choose_grad_sample_mode("ew", "cuda", "flat") == "ew"  # an explicit choice is kept
+    x = np.random.default_rng(0).normal(size=(40, 8)).astype(np.float32)
+    y = np.arange(40) % 2
+    model = torch.nn.Sequential(torch.nn.Linear(8, 2))
+    mode = choose_grad_sample_mode("auto", "cpu", "per_layer")
+    result = train_dp_sgd(model, x, y, epochs=1, batch_size=10, lr=0.1, noise_multiplier=1.0, max_grad_norm=1.0,
+                          grad_sample_mode=mode, clipping="per_layer", sampling_seed=0, noise_seed=0)
+    assert result.steps == 4  # q = 1/4: four Poisson steps, each accounted
