@@ -7,11 +7,16 @@ Evaluation, the local-DP monitor, what may be published, checkpoints and tracker
 the way pfl-research's callbacks work. The engine knows aggregation only through the
 :class:`~fedpriv.aggregation.Aggregator` protocol; a budget stop is a :class:`~fedpriv.aggregation.Stop`
 value, not an exception.
+
+A run can be asked to stop (``stop``, an event the launcher sets on Ctrl-C): the round in flight is
+abandoned, never aggregated nor recorded (no noise-only round), and the run ends after its last
+finished round with ``stop_reason`` "interrupted".
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -62,6 +67,16 @@ class RoundResult:
     started: float = field(default_factory=time.time)
 
 
+#: Seconds between pulls of replies in simulation. Flower's InMemoryGrid pulls every 0.1 s, and a
+#: round then ends on a 0.1 s step after its last reply (benchmark_engine.py's round times came in
+#: 0.1 s steps); a pull there is an in-process lookup, cheap enough to do 100 times a second.
+SIMULATION_PULL_INTERVAL = 0.01
+
+
+class RoundInterrupted(Exception):
+    """The run was asked to stop while a round's replies were awaited: the round is abandoned."""
+
+
 class Callback(Protocol):
     """Hooks around the engine's loop; ``after_round`` returns True to stop after that round."""
 
@@ -75,30 +90,34 @@ class Callback(Protocol):
 # ------------------------------------------------------------------------------- the population
 
 
-def wait_for_nodes(grid: Grid, minimum: int, timeout: float) -> list[int]:
+def wait_for_nodes(grid: Grid, minimum: int, timeout: float, stop: threading.Event | None = None) -> list[int]:
     """Node ids once at least ``minimum`` are connected (or whatever is there after ``timeout``)."""
-    deadline = time.monotonic() + timeout
+    deadline, stop = time.monotonic() + timeout, stop or threading.Event()
     while True:
         nodes = sorted(grid.get_node_ids())
         if len(nodes) >= minimum or time.monotonic() > deadline:
             if not nodes:
                 raise RuntimeError(f"no Flower node connected within {timeout:.0f} s")
             return nodes
-        time.sleep(0.5)
+        if stop.wait(0.5):
+            raise RoundInterrupted("stopped while waiting for Flower nodes")
 
 
 class Population:
     """Who the sampled clients are and how a round's messages reach them."""
 
-    def __init__(self, grid: Grid, rc: RunConfig, sampler: ClientSampler):
+    def __init__(self, grid: Grid, rc: RunConfig, sampler: ClientSampler, stop: threading.Event | None = None):
+        """``stop``: set by the launcher to end the run (Ctrl-C); a round whose replies are awaited
+        when it is set is abandoned (:class:`RoundInterrupted`), so nothing is released for it."""
         self.grid, self.rc, self.sampler = grid, rc, sampler
+        self.stop = stop if stop is not None else threading.Event()
         if rc.client_mode == "nodes":
-            self.nodes = wait_for_nodes(grid, rc.num_clients, rc.round_timeout)
+            self.nodes = wait_for_nodes(grid, rc.num_clients, rc.round_timeout, self.stop)
             if len(self.nodes) < rc.num_clients:
                 log.warning("only %d of %d client nodes connected; the others count as dropped",
                             len(self.nodes), rc.num_clients)
         else:
-            self.nodes = wait_for_nodes(grid, 1, rc.round_timeout)
+            self.nodes = wait_for_nodes(grid, 1, rc.round_timeout, self.stop)
 
     @property
     def uses_shares(self) -> bool:
@@ -128,9 +147,27 @@ class Population:
                 for i, share in enumerate(shares)]
 
     def dispatch(self, messages: list[tuple[Message, int]]) -> tuple[list[Message], int]:
-        """Send the round's messages; returns the replies and how many clients' replies never came."""
+        """Send the round's messages; returns the replies and how many clients' replies never came
+        within ``round_timeout``. Raises :class:`RoundInterrupted` if ``stop`` is set meanwhile.
+
+        Grid.send_and_receive's loop, with the stop checked between pulls (every
+        SIMULATION_PULL_INTERVAL in simulation; at the grid's own interval against a SuperLink)."""
         sizes = {int(m.metadata.dst_node_id): n for m, n in messages}
-        replies = list(self.grid.send_and_receive([m for m, _ in messages], timeout=self.rc.round_timeout))
+        pending = set(self.grid.push_messages([m for m, _ in messages]))
+        deadline = time.monotonic() + self.rc.round_timeout
+        interval = float(getattr(self.grid, "pull_interval", 3.0))
+        if type(self.grid).__name__ == "InMemoryGrid":  # simulation: a pull is a lookup in this process,
+            interval = min(interval, SIMULATION_PULL_INTERVAL)  # so poll finer than Flower's 0.1 s quantum
+        replies: list[Message] = []
+        while pending:
+            got = list(self.grid.pull_messages(pending))
+            replies += got
+            pending -= {r.metadata.reply_to_message_id for r in got}
+            left = deadline - time.monotonic()
+            if not pending or left <= 0:
+                break
+            if self.stop.wait(min(interval, left)):
+                raise RoundInterrupted("stopped while the round's replies were awaited")
         answered = {int(r.metadata.src_node_id) for r in replies}
         return replies, sum(n for node, n in sizes.items() if node not in answered)
 
@@ -187,6 +224,9 @@ def run_rounds(state: RunState, population: Population, aggregator: Aggregator, 
     for cb in callbacks:
         cb.on_start(state)
     for rnd in range(state.next_round, state.rc.num_rounds + 1):
+        if population.stop.is_set():
+            state.stop_reason = "interrupted"
+            break
         started = time.time()
         extra = aggregator.begin_round(rnd, state.arrays, population.grid)
         if isinstance(extra, Stop):
@@ -197,7 +237,12 @@ def run_rounds(state: RunState, population: Population, aggregator: Aggregator, 
             extra = aggregator.share_config(rnd)
         cohort = population.sample()
         messages = population.messages(cohort, rnd, state.arrays, {**client_config, **extra})
-        replies, missing = population.dispatch(messages)
+        try:
+            replies, missing = population.dispatch(messages)
+        except RoundInterrupted:
+            state.stop_reason = "interrupted"
+            log.warning("round %d interrupted: abandoned, not aggregated nor recorded", rnd)
+            break
         for m in replies:
             if m.has_error():
                 log.info("round %d: client(s) failed: %s", rnd, m.error.reason)
@@ -230,6 +275,9 @@ def run_rounds(state: RunState, population: Population, aggregator: Aggregator, 
         for cb in callbacks:
             stop = bool(cb.after_round(state, result)) or stop
         state.rounds_done = rnd
+        if population.stop.is_set() and rnd < state.rc.num_rounds:
+            state.stop_reason = "interrupted"
+            break
         if stop:
             break
     summary: dict[str, Any] = {

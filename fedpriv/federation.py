@@ -8,6 +8,7 @@ callbacks in their contract order (:mod:`fedpriv.callbacks`), and hands them to 
 
 from __future__ import annotations
 
+import threading
 import uuid
 from pathlib import Path
 from typing import Any
@@ -50,10 +51,13 @@ class RunSummary(Callback):
         })
 
 
-def run_federation(grid: Grid, rc: RunConfig, extra_callbacks: list[Callback] = ()) -> dict[str, Any]:
+def run_federation(grid: Grid, rc: RunConfig, extra_callbacks: list[Callback] = (),
+                   stop: threading.Event | None = None) -> dict[str, Any]:
     """Run (or resume) a whole federated training; returns the summary it writes.
 
     ``extra_callbacks`` run after the round is published (tests use them to interrupt a run).
+    ``stop``, once set (the launcher's Ctrl-C), ends the run after its last finished round; the
+    round in flight is abandoned, nothing released for it (:class:`fedpriv.engine.RoundInterrupted`).
     """
     checkpoint = run_folder.check_run_folder(rc)  # refuses a wrong folder before anything is written
     run_dir = Path(str(rc.run_dir))
@@ -84,4 +88,4 @@ def run_federation(grid: Grid, rc: RunConfig, extra_callbacks: list[Callback] = 
     client_config: dict[str, Any] = {"task": encode_config(rc), "run-id": state.run_id}
     if rc.client_mode == "virtual":  # the simulated clients' own disks
         client_config["client-state-dir"] = str(run_folder.simulated_client_state_dir(run_dir))
-    return run_rounds(state, Population(grid, rc, sampler), aggregator, callbacks, client_config)
+    return run_rounds(state, Population(grid, rc, sampler, stop), aggregator, callbacks, client_config)

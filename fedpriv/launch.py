@@ -1,7 +1,8 @@
 """From a composed configuration to a finished simulation: validate, preflight, run, report.
 
 Every user error (bad key or value, missing data, impossible budget, GPU placement without a
-GPU) stops here, before Ray starts, with one line on stderr and exit code 2.
+GPU) stops here, before Ray starts, with one line on stderr and exit code 2. Ctrl-C stops with
+one line and exit code 130, keeping every finished round (``resume=true run_dir=...`` goes on).
 """
 
 from __future__ import annotations
@@ -17,12 +18,26 @@ from fedpriv.preflight import preflight
 from fedpriv.simulation import run_simulation
 from fedpriv.tracking.sweep import apply_sweep_context
 
-__all__ = ["fail", "final_report", "launch", "preflight"]
+__all__ = ["fail", "final_report", "interrupted", "launch", "preflight"]
 
 
 def fail(message: str) -> None:
     print(f"fedpriv: error: {message}", file=sys.stderr, flush=True)
     sys.exit(2)
+
+
+def interrupted(rc: RunConfig | None, rounds: int = 0) -> None:
+    """Ctrl-C: one line naming what was kept and how to go on; exit code 130 (128 + SIGINT).
+    ``rc`` None: the simulation had not started (the run folder is as it was)."""
+    if rc is None:
+        line = "fedpriv: interrupted before the simulation started; the run folder is as it was"
+    elif rounds == 0:
+        line = f"fedpriv: interrupted before round 1 finished; nothing to resume in {rc.run_dir}"
+    else:
+        line = (f"fedpriv: interrupted: {rounds}/{rc.num_rounds} rounds kept in {rc.run_dir}; continue with "
+                f"resume=true run_dir={rc.run_dir}")
+    print(line, file=sys.stderr, flush=True)
+    sys.exit(130)
 
 
 def launch(container: dict[str, Any], hydra_config: Any = None) -> float:
@@ -35,11 +50,20 @@ def launch(container: dict[str, Any], hydra_config: Any = None) -> float:
     except (ConfigError, UserError, ValueError) as exc:
         fail(str(exc))
         raise  # unreachable
+    except KeyboardInterrupt:  # before Ray: nothing started, nothing written
+        interrupted(None)
+        raise  # unreachable
     for warning in warnings:
         print(f"fedpriv: warning: {warning}", file=sys.stderr, flush=True)
     if hydra_config is not None:
         apply_sweep_context(rc, hydra_config)
-    summary = run_simulation(rc)
+    try:
+        summary = run_simulation(rc)  # Ctrl-C from here on ends the run cleanly (fedpriv.simulation)
+    except KeyboardInterrupt:  # before the simulation took over Ctrl-C
+        interrupted(None)
+        raise  # unreachable
+    if summary.get("stop_reason") == "interrupted":
+        interrupted(rc, int(summary["rounds_completed"]))
     print(final_report(summary, rc), flush=True)
     acc = summary.get("final_accuracy")
     return float(acc) if isinstance(acc, (int, float)) else math.nan

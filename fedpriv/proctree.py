@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import signal
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Optional
 
@@ -107,3 +109,35 @@ def rss_kib(pid: int) -> int:
 def pss_kib(pid: int) -> int:
     """The process's proportional set (``Pss``: shared pages divided among their sharers) in KiB; 0 if it is gone."""
     return _kib(pid, "Pss", "smaps_rollup")
+
+
+def cpu_ticks(pid: int) -> Optional[int]:
+    """CPU time the process has used (user + system, in clock ticks), or None if it is gone."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    rest = text[text.rfind(")") + 2 :].split()
+    return int(rest[11]) + int(rest[12])
+
+
+def cmdline(pid: int) -> str:
+    """The process's command line, arguments joined by spaces ('' if it is gone). A process that
+    renames itself shows its title here: a Ray actor's worker reads ``ray::ClientAppActor`` when
+    idle and ``ray::ClientAppActor.run`` while it runs a task."""
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
+    except OSError:
+        return ""
+
+
+def kill_all(pids: Iterable[int], sig: int = signal.SIGKILL) -> list[int]:
+    """Send ``sig`` to each of ``pids`` that still runs; returns those it reached."""
+    reached = []
+    for pid in pids:
+        try:
+            os.kill(pid, sig)
+            reached.append(pid)
+        except (ProcessLookupError, PermissionError):
+            pass
+    return reached

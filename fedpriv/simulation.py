@@ -1,19 +1,51 @@
-"""Launch a run on Flower's simulation engine (Ray), with placement mapped to Ray resources."""
+"""Launch a run on Flower's simulation engine (Ray), with placement mapped to Ray resources, and
+see it through the faults a long simulation meets.
+
+* A worker (a Ray actor serving a Flower node) that dies, e.g. killed for memory, costs only the
+  clients it was training that round (counted failed); Ray starts a replacement (``max_restarts``)
+  and later rounds run normally. Any worker can serve any client: clients' state lives in their
+  own store (:mod:`fedpriv.client_state`), not in the worker.
+* A round that hits ``round_timeout`` aggregates what came back; a worker still busy then without
+  using any CPU (a hung client) is killed so that a fresh one serves the next rounds
+  (:class:`WorkerGuard`), and when the run ends no busy worker holds the process open.
+* Ctrl-C (SIGINT) ends the run after its last finished round (:class:`StopOnInterrupt`): the round
+  in flight is abandoned, never recorded; the summary says "interrupted"; a second Ctrl-C, or a
+  stop that takes longer than ``STOP_GRACE`` seconds, kills this run's Ray processes at once.
+* Ray is always started afresh for the run (``address="local"``) unless ``placement.address``
+  names a cluster: never joined silently through ``RAY_ADDRESS`` or a cluster that ``ray start``
+  left on this machine.
+"""
 
 from __future__ import annotations
 
+import logging
 import math
 import os
+import signal
 import socket
+import sys
+import threading
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from flwr.app import Context
+from flwr.serverapp import Grid, ServerApp
 from flwr.simulation import run_simulation as flower_run_simulation
+from flwr.simulation.ray_transport.ray_actor import pool_size_from_resources
 
-from fedpriv import run_folder
+from fedpriv import proctree, run_folder
+from fedpriv.callbacks import Callback
 from fedpriv.client_app import app as client_app
 from fedpriv.config import ConfigError, PlacementConfig, RunConfig
-from fedpriv.server_app import make_server_app
+from fedpriv.engine import RoundInterrupted, RoundResult, RunState
+from fedpriv.federation import run_federation
+
+log = logging.getLogger("fedpriv")
+
+WORKER_TITLE = "ray::ClientAppActor"  # what Ray names Flower's client workers ("...ClientAppActor.run" while busy)
+STOP_GRACE = 30.0  # seconds a Ctrl-C'd run has to stop cleanly before its Ray processes are killed
 
 
 def visible_gpus() -> int:
@@ -69,7 +101,8 @@ def backend_config(pl: PlacementConfig) -> dict[str, Any]:
     init_args: dict[str, Any] = {"include_dashboard": False, "logging_level": "error", "log_to_driver": True}
     if pl.address is not None:
         init_args["address"] = pl.address
-    else:
+    else:  # a Ray of our own: never RAY_ADDRESS's, nor a cluster `ray start` left running here
+        init_args["address"] = "local"
         if pl.num_cpus is not None:
             init_args["num_cpus"] = pl.num_cpus
         if pl.num_gpus is not None:
@@ -104,8 +137,140 @@ def num_simulated_nodes(rc: RunConfig) -> int:
     return max(1, min(concurrent_clients(rc.placement), rc.num_clients))
 
 
+def worker_options() -> dict[str, Any]:
+    """Ray actor options for the client workers beyond their resources (Flower passes
+    ``client_resources`` to ``ClientAppActor.options``): a worker that dies is restarted, as often as
+    it takes. Its task is not retried: the clients it was training count as failed that round, and
+    no client trains twice for one round. (Ray fails at once a task sent to a worker while it
+    restarts; :class:`WorkerGuard` therefore lets the replacement start before the next round.)"""
+    return {"max_restarts": -1, "max_task_retries": 0}
+
+
+def ray_processes() -> dict[int, str]:
+    """This process's own Ray processes (a Ray it started; none for a remote cluster): PID -> title."""
+    me = os.getpid()
+    stat = proctree.proc_stat(me)
+    found = proctree.descendants({me: stat[3]}) if stat else set()
+    titles = {pid: proctree.cmdline(pid) for pid in found}
+    return {pid: t for pid, t in titles.items() if t.startswith("ray::") or f"{os.sep}ray{os.sep}" in t}
+
+
+def workers() -> dict[int, bool]:
+    """The client workers of this process's Ray: PID -> busy (running a task now)."""
+    return {pid: title != WORKER_TITLE for pid, title in ray_processes().items()
+            if title == WORKER_TITLE or title.startswith(WORKER_TITLE + ".")}
+
+
+def stalled_workers(sample: float = 1.0) -> list[int]:
+    """Busy workers whose CPU time does not move over ``sample`` seconds (hung: stopped, deadlocked,
+    asleep or blocked on I/O)."""
+    busy = {pid: proctree.cpu_ticks(pid) for pid, is_busy in workers().items() if is_busy}
+    if not busy:
+        return []
+    time.sleep(sample)
+    now = workers()
+    return [pid for pid, ticks in busy.items() if now.get(pid) and proctree.cpu_ticks(pid) == ticks]
+
+
+class WorkerGuard(Callback):
+    """Keeps the simulation's workers fit between rounds (a Ray started here; nothing to do on a
+    remote cluster, whose processes are not ours to see).
+
+    After a round that timed out (clients dropped), a worker still running a task that uses no CPU
+    (over a second) holds a hung client whose reply nobody awaits any more: it is killed, so that
+    Ray starts a fresh one. A busy worker that computes (a slow client, or a worker
+    still starting on a loaded machine) is left to finish: killing it would only start another.
+    After a round with failed or dropped clients, the next round waits (at most ``wait`` seconds)
+    until every worker of Flower's pool runs again, so that a dead worker's replacement, not its
+    corpse, gets the next share. :meth:`release` kills busy workers when the run ends, so that no
+    abandoned task holds the simulation (and the process) open.
+    """
+
+    def __init__(self, pool_size: Callable[[], int], wait: float):
+        self.pool_size, self.wait = pool_size, wait  # pool_size: Flower's count of workers (Ray is up by then)
+
+    def after_round(self, state: RunState, result: RoundResult) -> bool:
+        rec = result.record
+        if rec.get("num_dropped", 0) > 0:
+            killed = proctree.kill_all(stalled_workers())
+            if killed:
+                log.warning("round %d: %d worker(s) hung past the round's timeout were stopped; Ray starts "
+                            "replacements", result.server_round, len(killed))
+        if rec.get("num_dropped", 0) > 0 or rec.get("num_failed", 0) > 0:
+            self.wait_for_workers(result.server_round)
+        return False
+
+    def wait_for_workers(self, rnd: int) -> None:
+        expected, deadline = self.pool_size(), time.monotonic() + self.wait
+        while len(workers()) < expected:
+            if time.monotonic() > deadline:
+                log.warning("after round %d: only %d of %d workers run again after %g s; going on",
+                            rnd, len(workers()), expected, self.wait)
+                return
+            time.sleep(0.2)
+
+    @staticmethod
+    def release() -> None:
+        proctree.kill_all([pid for pid, busy in workers().items() if busy])
+
+
+class StopOnInterrupt:
+    """Ctrl-C (SIGINT) sets :attr:`event`, which ends the run after its last finished round;
+    a second Ctrl-C, or a stop that takes more than ``grace`` seconds, kills this run's Ray
+    processes and exits at once (code 130). Installed only in the main thread (signals go there)."""
+
+    def __init__(self, grace: float = STOP_GRACE):
+        self.event, self.grace = threading.Event(), grace
+        self.previous: Any = None
+        self.timer: threading.Timer | None = None
+
+    def __enter__(self) -> StopOnInterrupt:
+        if threading.current_thread() is threading.main_thread():
+            self.previous = signal.signal(signal.SIGINT, self._handler)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+        if self.previous is None:
+            return
+        if self.event.is_set():  # Ray is down; the launcher is about to exit 130: another Ctrl-C exits now
+            signal.signal(signal.SIGINT, lambda signum, frame: os._exit(130))
+        else:
+            signal.signal(signal.SIGINT, self.previous)
+
+    def _handler(self, signum: int, frame: Any) -> None:
+        if self.event.is_set():
+            self.hard_stop("a second Ctrl-C")
+        self.event.set()
+        logging.getLogger("flwr").setLevel(logging.CRITICAL)  # its errors about the abandoned tasks are expected
+        self.timer = threading.Timer(self.grace, self.hard_stop, args=(f"no clean stop within {self.grace:g} s",))
+        self.timer.daemon = True
+        self.timer.start()
+
+    @staticmethod
+    def hard_stop(why: str) -> None:
+        proctree.kill_all(ray_processes())
+        print(f"fedpriv: interrupted ({why}): Ray stopped; every finished round is kept", file=sys.stderr, flush=True)
+        os._exit(130)
+
+
+def _server_app(rc: RunConfig, stop: threading.Event, guard: WorkerGuard) -> ServerApp:
+    server = ServerApp()
+
+    @server.main()
+    def main(grid: Grid, context: Context) -> None:
+        try:
+            run_federation(grid, rc, extra_callbacks=[guard], stop=stop)
+        finally:
+            guard.release()  # whatever ended the run, no busy worker may hold the simulation open
+
+    return server
+
+
 def run_simulation(rc: RunConfig) -> dict[str, Any]:
-    """Run ``rc`` on Flower's simulation engine; returns the summary the run wrote."""
+    """Run ``rc`` on Flower's simulation engine; returns the summary the run wrote (its
+    ``stop_reason`` is "interrupted" after Ctrl-C)."""
     check_placement(rc.placement)
     assert rc.run_dir is not None
     run_dir = Path(rc.run_dir)
@@ -114,13 +279,34 @@ def run_simulation(rc: RunConfig) -> dict[str, Any]:
     if summary_path.exists():  # a resumed run writes its summary again
         summary_path.unlink()
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
-    flower_run_simulation(
-        server_app=make_server_app(rc),
-        client_app=client_app,
-        num_supernodes=num_simulated_nodes(rc),
-        backend_name="ray",
-        backend_config=backend_config(rc.placement),
-    )
+    if os.environ.get("RAY_ADDRESS") and rc.placement.address is None:
+        log.warning("RAY_ADDRESS is set but ignored: placement=%s starts a Ray of its own; to run on that cluster, "
+                    "give placement=cluster placement.address=HOST:PORT", rc.placement.name)
+    backend = backend_config(rc.placement)
+    resources = dict(backend["client_resources"])
+    backend["client_resources"].update(worker_options())
+    guard = WorkerGuard(lambda: pool_size_from_resources(resources) if rc.placement.address is None else 0,
+                        wait=min(rc.round_timeout, 120.0))
+    with StopOnInterrupt() as interrupt:
+        try:
+            flower_run_simulation(
+                server_app=_server_app(rc, interrupt.event, guard),
+                client_app=client_app,
+                num_supernodes=num_simulated_nodes(rc),
+                backend_name="ray",
+                backend_config=backend,
+            )
+        except RoundInterrupted:  # stopped before the round loop began (e.g. the analytics query)
+            pass
+        proctree.kill_all(ray_processes())  # Flower shut Ray down; anything of it still here goes too
     if not summary_path.exists():
+        if interrupt.event.is_set():
+            return {"rounds_completed": _rounds_recorded(run_dir), "rounds_planned": rc.num_rounds,
+                    "stop_reason": "interrupted"}
         raise RuntimeError(f"the run stopped before writing {summary_path}; see the log above")
     return run_folder.read_summary(run_dir)
+
+
+def _rounds_recorded(run_dir: Path) -> int:
+    checkpoint = run_folder.load_checkpoint(run_dir)
+    return int(checkpoint["round"]) if checkpoint else 0

@@ -67,9 +67,27 @@ class InProcessGrid:
                                     run_config={}) for i, n in enumerate(self.nodes)}
         self.tamper = tamper
         self.sent = []
+        self.waiting = {}  # message id -> its reply, until pull_messages takes it
 
     def get_node_ids(self):
         return list(self.nodes)
+
+    pull_interval = 0.0  # replies are ready as soon as push_messages returns
+
+    def push_messages(self, messages):
+        """Grid.push_messages: runs each message's handler now; its reply waits for pull_messages."""
+        import uuid
+
+        ids = []
+        for msg in messages:
+            msg.metadata.__dict__["_message_id"] = str(uuid.uuid4())  # as Flower's InMemoryGrid does
+            (reply,) = self.send_and_receive([msg])
+            self.waiting[msg.metadata.message_id] = reply
+            ids.append(msg.metadata.message_id)
+        return ids
+
+    def pull_messages(self, message_ids):
+        return [self.waiting.pop(i) for i in list(message_ids) if i in self.waiting]
 
     def send_and_receive(self, messages, timeout=None):
         import fedpriv.client_app as client_app

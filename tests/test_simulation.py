@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -61,6 +62,11 @@ def read_jsonl(path: Path) -> list[dict]:
         (["resume=true", "run_dir=NOWHERE"], {}, "cannot resume: run folder"),
         (["resume=true", "run_dir=BROKEN"], {}, "is not a run folder"),
         (["privacy=central", "privacy.noise_multiplier=0.3", "privacy.target_epsilon=0.1"], {}, "spent before round 1"),
+        # a client larger than the machine: refused before Ray (which would idle round_timeout every round)
+        ([f"placement.num_cpus_per_client={max(4, (os.cpu_count() or 1) + 1)}"], {}, "placement.num_cpus_per_client"),
+        (["placement=cluster"], {}, "HOST:PORT"),  # never "whatever cluster runs here"
+        (["placement=cluster", "placement.address=auto"], {}, "HOST:PORT"),
+        (["placement=cluster", "placement.address=127.0.0.1:SILENT"], {}, "no Ray head answers"),
     ],
 )
 def test_bad_input_stops_before_any_work_with_one_line(tmp_path, overrides, env, expected):
@@ -68,7 +74,11 @@ def test_bad_input_stops_before_any_work_with_one_line(tmp_path, overrides, env,
     broken.mkdir(parents=True)
     for name in ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"):
         (broken / name).write_bytes(b"\x00\x00\x08\x03" + b"\x00" * 10)
-    overrides = [o.replace("BROKEN", str(broken)).replace("NOWHERE", str(tmp_path / "typo")) for o in overrides]
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        silent = str(s.getsockname()[1])
+    overrides = [o.replace("BROKEN", str(broken)).replace("NOWHERE", str(tmp_path / "typo")).replace("SILENT", silent)
+                 for o in overrides]
     env = {"FEDPRIV_CACHE": str(tmp_path / "cache"), **env}  # no decoded copy from an earlier run
     result = simulate(*overrides, f"hydra.run.dir={tmp_path}", env=env, timeout=120)
     assert result.returncode != 0
