@@ -128,6 +128,10 @@ def check_config(rc: RunConfig, explicit: set[str] | None = None) -> None:
 
     p = rc.partition
     _one_of(p.scheme, SCHEMES, "partition.scheme")
+    _require(rc.dataset.alpha >= 0, "dataset.alpha", f"must be >= 0, got {rc.dataset.alpha}")
+    _require(rc.dataset.beta >= 0, "dataset.beta", f"must be >= 0, got {rc.dataset.beta}")
+    _require(rc.dataset.name != "synthetic" or p.scheme == "natural", "partition.scheme",
+             f"synthetic generates one client per id (natural); got {p.scheme!r}; use partition=natural")
     _require(p.alpha > 0, "partition.alpha", f"must be > 0, got {p.alpha}")
     _require(p.classes_per_client >= 1, "partition.classes_per_client", f"must be >= 1, got {p.classes_per_client}")
     _require(p.shards_per_client >= 1, "partition.shards_per_client", f"must be >= 1, got {p.shards_per_client}")

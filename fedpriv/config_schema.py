@@ -41,6 +41,11 @@ class DataConfig:
 @dataclass
 class DatasetConfig:
     name: str = field(default="digits", metadata=SELECTS)  # one of fedpriv.data's loaders
+    # Synthetic(alpha, beta) (LEAF / FedProx): std of the clients' model means u_k (how different their
+    # labelling functions are) and of their feature means B_k (how different their inputs are); >= 0.
+    alpha: float = read_if("name", "synthetic", default=1.0)
+    beta: float = read_if("name", "synthetic", default=1.0)
+    iid: bool = read_if("name", "synthetic", default=False)  # Synthetic-IID: one shared model (alpha, beta unused)
 
 
 @dataclass

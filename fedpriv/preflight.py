@@ -1,7 +1,8 @@
 """Preflight: everything a run and every one of its clients will need, checked before any work.
 
 The schema (:mod:`fedpriv.config`) refuses bad keys and values; this goes further, the way a
-client would: it reads the data set, builds the partition and every client's rows, builds the
+client would: it reads the data set, builds the partition and every client's rows (for data generated per
+client on demand, Synthetic: every row count a client can have, never the population's rows), builds the
 model and the server's privacy plan, and under local DP every client's DP-SGD plan (the same
 calibration the client will run). Whatever would otherwise fail in every client after Ray started
 (and end "completed" with an untrained model) is refused here in one line; what would run but
@@ -15,7 +16,8 @@ import logging
 import numpy as np
 
 from fedpriv.config import ConfigError, RunConfig
-from fedpriv.data import client_split, partition_indices
+from fedpriv.data import SyntheticDataset, client_split, partition_indices
+from fedpriv.data.synthetic import possible_row_counts
 from fedpriv.errors import DataError, UserError
 from fedpriv.privacy.local import noise_plan, planned_participations, sampling_plan
 from fedpriv.run_folder import check_run_folder
@@ -36,7 +38,7 @@ def preflight(rc: RunConfig) -> list[str]:
         ds = dataset_for(rc)
     except DataError as exc:
         raise UserError(f"data: {exc}") from None
-    if rc.partition.scheme == "natural" and ds.natural_ids is None:
+    if rc.partition.scheme == "natural" and ds.natural_ids is None and not isinstance(ds, SyntheticDataset):
         raise ConfigError(f"config key 'partition.scheme': natural needs a data set with natural clients; "
                           f"{rc.dataset.name} has none")
     try:
@@ -58,6 +60,8 @@ def client_rows(rc: RunConfig, ds) -> np.ndarray:
     p = rc.partition
     if rc.client_mode == "nodes":
         return np.zeros(0, dtype=int)  # each SuperNode brings its own data
+    if isinstance(ds, SyntheticDataset):
+        return synthetic_rows(rc)
     if p.scheme == "shard" and rc.num_clients * p.shards_per_client > len(ds.y_train):
         raise ConfigError(f"config key 'partition.shards_per_client': {rc.num_clients} clients x {p.shards_per_client} "
                           f"shards need {rc.num_clients * p.shards_per_client} shards of at least one row; "
@@ -80,6 +84,13 @@ def client_rows(rc: RunConfig, ds) -> np.ndarray:
         raise ConfigError(f"config key 'partition': {empty} of {rc.num_clients} clients get no training rows "
                           f"({p.scheme}); {hint + ' or ' if hint else ''}lower num_clients")
     return rows
+
+
+def synthetic_rows(rc: RunConfig) -> np.ndarray:
+    """Synthetic clients are generated on demand: every training-row count a client can have (at least
+    50 rows, so none is empty), whatever the population: O(1), not one generator per client."""
+    return np.unique([len(client_split(np.arange(n), rc.data.val_fraction, rc.seed, 0)[0])
+                      for n in possible_row_counts()])
 
 
 def central_noise_warnings(rc: RunConfig, plan) -> list[str]:

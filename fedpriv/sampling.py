@@ -1,6 +1,7 @@
 """Which clients take part in a round. The scheme must be the one the privacy accountant assumes.
 
-- ``poisson``: each client joins independently with probability q (amplification by Poisson sampling);
+- ``poisson``: each client joins independently with probability q (amplification by Poisson sampling),
+  drawn in O(cohort), not O(population), time and memory;
 - ``fixed``: exactly ``expected_size`` clients, uniformly without replacement;
 - ``all``: every client every round (no amplification).
 """
@@ -43,7 +44,29 @@ class ClientSampler:
             return np.arange(n)
         if self.scheme == "fixed":
             return np.sort(self.rng.choice(n, size=self.expected_size, replace=False))
-        return np.flatnonzero(self.rng.random(n) < self.rate)
+        return self._poisson(n, self.rate)
+
+    def _poisson(self, n: int, q: float) -> np.ndarray:
+        """Each of ``n`` clients independently with probability ``q``, in O(cohort) time and memory.
+
+        The gaps between successive members of a Bernoulli(q) sequence are i.i.d. Geometric(q)
+        (support 1, 2, ...), so drawing the gaps gives exactly the law of ``random(n) < q`` without
+        touching the clients left out: a 1,000,000-client population costs what its cohort costs.
+        numpy has no sampler of a Bernoulli process's members; this is the textbook construction.
+        """
+        if q >= 1.0:
+            return np.arange(n)
+        if q <= 0.0:
+            return np.zeros(0, dtype=np.int64)
+        parts, last = [], -1
+        batch = int(n * q + 6 * np.sqrt(n * q)) + 16  # almost always one batch of gaps suffices
+        while True:
+            members = last + np.cumsum(self.rng.geometric(q, size=batch))
+            if members[-1] >= n:
+                parts.append(members[members < n])
+                return np.concatenate(parts)
+            parts.append(members)
+            last = int(members[-1])
 
     def state_dict(self) -> dict[str, Any]:
         """The generator's state only for a seeded sampler; nothing for an unpredictable one."""

@@ -17,8 +17,15 @@ from torch import nn
 from torch.nn import functional as F
 
 from fedpriv.config import RunConfig, from_dict, to_dict
+from fedpriv.data import (
+    FederatedDataset,
+    SyntheticDataset,
+    client_split,
+    load_dataset,
+    partition_indices,
+    synthetic_dataset,
+)
 from fedpriv.errors import ClientError
-from fedpriv.data import FederatedDataset, client_split, load_dataset, partition_indices
 from fedpriv.models import build_model
 
 
@@ -46,6 +53,8 @@ def decode_config(text: str) -> RunConfig:
 
 
 def dataset_for(rc: RunConfig) -> FederatedDataset:
+    if rc.dataset.name == "synthetic":  # generated per client on demand: its parameters are the run's
+        return synthetic_dataset(rc.dataset.alpha, rc.dataset.beta, rc.seed, rc.num_clients, rc.dataset.iid)
     return load_dataset(rc.dataset.name, rc.data.root)
 
 
@@ -88,6 +97,10 @@ def load_client_data(rc: RunConfig, client_id: int, node_config: dict[str, Any] 
         client_id = int(node_config["partition-id"])
         num_clients = int(node_config.get("num-partitions", rc.num_clients))
     ds = dataset_for(rc)
+    if isinstance(ds, SyntheticDataset):  # one client's rows, generated from (seed, client id) alone
+        x, y = ds.client_rows(client_id)
+        tr, va = client_split(np.arange(len(y)), rc.data.val_fraction, rc.seed, client_id)
+        return ClientData(client_id, x[tr], y[tr], x[va], y[va])
     idx = client_partition(rc, client_id, num_clients)
     if len(idx) == 0:
         raise EmptyPartition(f"client {client_id} has an empty partition ({rc.partition.scheme})")

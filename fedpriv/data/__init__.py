@@ -16,16 +16,19 @@ from .base import DataError, FederatedDataset
 from .locate import check_data_root, resolve_data_root
 from .partition import SCHEMES, client_split, describe_partition, partition_indices
 from .sources import DATASETS, load_dataset
+from .synthetic import SyntheticDataset, synthetic_dataset
 
 __all__ = [
     "DATASETS",
     "DataError",
     "FederatedDataset",
     "SCHEMES",
+    "SyntheticDataset",
     "check_data_root",
     "client_split",
     "describe_partition",
     "load_dataset",
     "partition_indices",
     "resolve_data_root",
+    "synthetic_dataset",
 ]

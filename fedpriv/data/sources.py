@@ -14,6 +14,7 @@ from .base import FederatedDataset
 from .cache import cached_arrays, source_key
 from .images import load_cifar10, load_digits_dataset, load_fashion_mnist
 from .locate import DATA_ENV, check_data_root
+from .synthetic import load_synthetic
 from .tabular import load_heart_disease
 
 
@@ -54,6 +55,7 @@ LOADERS: dict[str, Callable[[str | os.PathLike | None], FederatedDataset]] = {
     "cifar10": load_cifar10,
     "heart_disease": load_heart_disease,
     "shakespeare": load_shakespeare,
+    "synthetic": load_synthetic,  # generated per client on demand; a run's parameters: fedpriv.task.dataset_for
 }
 DATASETS = tuple(LOADERS)
 
