@@ -15,7 +15,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("fedpriv", "strategies", "clients")
 TOP = ("fedpriv.server_app", "fedpriv.client_app", "fedpriv.federation", "fedpriv.launch", "fedpriv.simulation",
-       "fedpriv.preflight", "fedpriv.deploy", "fedpriv.compare")
+       "fedpriv.preflight", "fedpriv.deploy", "fedpriv.compare", "fedpriv.flwr_app", "fedpriv.flwr_run")
 # Own modules that may be imported inside a function, and why (an optional heavy dependency).
 LAZY_OK: dict[str, str] = {}
 MAX_LINES = 400
