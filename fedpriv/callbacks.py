@@ -90,7 +90,12 @@ class LocalPrivacy(Callback):
     def __init__(self, monitor: LocalPrivacyMonitor):
         self.monitor = monitor
 
+    def on_start(self, state: RunState) -> None:
+        # Before Checkpointing.on_start: the monitor's checkpoint references its journal in the run folder.
+        self.monitor.attach(state.run_dir, resumed=state.checkpoint is not None)
+
     def after_round(self, state: RunState, result: RoundResult) -> bool:
+        # Appends and fsyncs the round's reports to the journal: before Checkpointing and Publishing.
         self.monitor.observe_round(result.server_round, result.replies, result.record)
         return False
 

@@ -4,7 +4,7 @@ Published (covered by the guarantee or public by construction, see
 :mod:`fedpriv.privacy.disclosure`): ``config.yaml``, ``metrics.jsonl`` (one JSON line per finished
 round), ``summary.json``, ``privacy.json`` (private runs), ``model.pt`` (the final model).
 Operator-only: ``operator_only/`` (``diagnostics.jsonl``, ``privacy_details.json``,
-``simulated_client_state/``) and ``checkpoint.pt``.
+``simulated_client_state/``, ``local_monitor.jsonl``) and ``checkpoint.pt``.
 
 Rules:
 
@@ -50,6 +50,9 @@ OPERATOR_DIR = "operator_only"
 DIAGNOSTICS = f"{OPERATOR_DIR}/diagnostics.jsonl"
 PRIVACY_DETAILS = f"{OPERATOR_DIR}/privacy_details.json"
 SIMULATED_CLIENT_STATE = f"{OPERATOR_DIR}/simulated_client_state"
+# The local-DP monitor's per-client table (fedpriv.privacy.local_monitor): one line per round, appended and
+# fsynced before the round is checkpointed; checkpoint.pt references it (round, line count).
+LOCAL_MONITOR_JOURNAL = f"{OPERATOR_DIR}/local_monitor.jsonl"
 # Files whose presence means a run already released something into the folder.
 RUN_OUTPUTS = (METRICS, SUMMARY, PRIVACY, MODEL, CHECKPOINT, OPERATOR_DIR)
 # Keys whose change does not change what a resumed run computes.
@@ -189,6 +192,10 @@ def check_run_folder(rc: RunConfig) -> dict[str, Any] | None:
     diffs = config_diff(checkpoint["config"], to_dict(rc))
     if diffs:
         raise RunFolderError(f"cannot resume {run_dir}: these keys differ from the saved run: {', '.join(diffs)}")
+    journal = (checkpoint.get("local_monitor") or {}).get("journal")  # the local-DP table, by reference
+    if journal and not (run_dir / journal).is_file():
+        raise RunFolderError(f"cannot resume {run_dir}: {journal} is missing; the checkpoint's local-DP table "
+                             "(the clients' epsilons) is in it")
     return checkpoint
 
 

@@ -23,18 +23,31 @@ section states the bound every client enforces itself (``privacy.local.target_ep
 It also checks what the server can check: that a client's ledger counts at least the rounds the
 server saw it train (a lost ledger would under-count; the client's figure is then replaced by one
 recomputed from the releases the server saw), and that ``privacy.local.delta`` is below ``1/n``
-for every client's ``n`` rows. Its state is checkpointed with the run.
+for every client's ``n`` rows.
+
+A round costs time in the clients heard from in it, not in every client seen so far: each client's
+figure is cached and recomputed only when the client reports, the max and mean are kept running
+(exactly: :class:`fedpriv.privacy.running.RunningFigures`), and in a run the table lives in an
+append-only journal, ``operator_only/local_monitor.jsonl`` (operator-only: under central_local it
+tells who was sampled when), to which each round's reports are appended and fsynced before the
+round is checkpointed or published; the checkpoint holds a reference (round, line count), and a
+resumed run replays the journal up to the checkpoint's round, dropping any later line.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any, Iterable
 
+from fedpriv import run_folder
 from fedpriv.config import RunConfig
+from fedpriv.durable import durable_write_text
+from fedpriv.errors import RunFolderError
 
 from .ledger import PrivacyLedger
+from .running import RunningFigures
 
 # Per-reply keys that Flower's metric averaging turns into meaningless averages (declined replies
 # are never aggregated, so "declined" would always average to 0; clients_declined counts them).
@@ -61,8 +74,20 @@ class ClientEntry:
         return self.rounds_reported >= self.rounds_seen
 
 
+def _float(v: Any) -> float:
+    """A float as :func:`run_folder.jsonable` wrote it (NaN as None, infinities as strings)."""
+    return math.nan if v is None else float(v)
+
+
 class LocalPrivacyMonitor:
-    """Collects clients' local-DP reports (a no-op unless the run uses local DP)."""
+    """Collects clients' local-DP reports (a no-op unless the run uses local DP).
+
+    Each round costs time in the clients it heard from, not in every client seen so far. Once
+    :meth:`attach` names the run folder, the table lives in ``operator_only/local_monitor.jsonl``
+    (:data:`run_folder.LOCAL_MONITOR_JOURNAL`): one line per round, appended and fsynced in
+    :meth:`observe_round` (before the round is checkpointed or published), and the checkpoint holds
+    only a reference to it; without a run folder the checkpoint holds the whole table.
+    """
 
     def __init__(self, rc: RunConfig):
         self.enabled = rc.privacy.mode in ("local", "central_local")
@@ -70,25 +95,83 @@ class LocalPrivacyMonitor:
         self.delta = float(rc.privacy.local.delta)
         self.clients: dict[str, ClientEntry] = {}
         self.unattributed = 0  # replies without a client key (should not happen)
+        self.figures = RunningFigures()  # each client's figure (see :meth:`epsilons`), max and mean
+        self.journal: Path | None = None  # the run's table on disk, once attached
+        self._journal_round, self._journal_lines = 0, 0  # the last round it holds, its line count
+        self._round: list[list[Any]] = []  # this round's observations, for the journal
+
+    def attach(self, run_dir: str | Path, resumed: bool) -> None:
+        """Keep the table in ``run_dir``'s journal, under ``operator_only/`` (it names which clients
+        reported in which round and their row counts: under central_local exactly what the central
+        guarantee hides). ``resumed``: False starts the journal empty; True leaves it for
+        :meth:`load_state_dict`, whose checkpoint reference says how much of it to replay."""
+        if not self.enabled:
+            return
+        self.journal = Path(run_dir) / run_folder.LOCAL_MONITOR_JOURNAL
+        if not resumed:
+            durable_write_text(self.journal, "")  # created durably (its folder entry fsynced)
 
     def state_dict(self) -> dict[str, Any]:
-        """Everything the table holds, for the run's checkpoint (a resumed run continues it)."""
+        """For the run's checkpoint: a reference to the journal (O(1)) or, unattached, the table."""
+        if self.journal is not None:
+            return {"journal": run_folder.LOCAL_MONITOR_JOURNAL, "round": self._journal_round,
+                    "lines": self._journal_lines, "clients_seen": len(self.clients), "unattributed": self.unattributed}
         return {"clients": [asdict(e) for e in self.clients.values()], "unattributed": self.unattributed}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.clients = {}
-        for row in state.get("clients", []):
-            row = dict(row)
-            row["noise_multipliers"] = list(row.get("noise_multipliers", []))
-            row["releases"] = [tuple(r) for r in row.get("releases", [])]
-            self.clients[str(row["client_id"])] = ClientEntry(**row)
+        self.clients, self.figures = {}, RunningFigures()
         self.unattributed = int(state.get("unattributed", 0))
+        if "journal" in state:
+            self._replay(state)
+            return
+        self._load_table(state.get("clients", []))
+        if self.journal is not None:  # a checkpoint that held the table: the journal starts from it
+            self._journal_round, self._journal_lines = 0, 1
+            run_folder.rewrite_jsonl(self.journal, [{"round": 0, "unattributed": self.unattributed,
+                                                     "table": state.get("clients", [])}])
+
+    def _load_table(self, rows: Iterable[dict[str, Any]]) -> None:
+        for row in rows:
+            row = dict(row)
+            for key in ("epsilon", "sample_rate"):
+                row[key] = _float(row.get(key, 0.0 if key == "epsilon" else None))
+            row["noise_multipliers"] = [_float(z) for z in row.get("noise_multipliers", [])]
+            row["releases"] = [(_float(z), _float(q), int(n)) for z, q, n in row.get("releases", [])]
+            entry = ClientEntry(**row)
+            self.clients[entry.client_id] = entry
+            self._refresh(entry)
+
+    def _replay(self, ref: dict[str, Any]) -> None:
+        """Rebuild the table from the journal lines up to the checkpoint's round; lines after it (a
+        round recorded in the journal, then the run stopped before its checkpoint) are dropped."""
+        if self.journal is None:
+            raise RunFolderError("the local-DP table is in the run folder's journal: attach the run folder first")
+        if not self.journal.exists():
+            raise RunFolderError(f"cannot resume: {run_folder.LOCAL_MONITOR_JOURNAL} is missing, so the local-DP "
+                                 "table (clients' epsilons) cannot be rebuilt")
+        last = int(ref["round"])
+        raw = [ln for ln in self.journal.read_text().splitlines() if ln.strip()]
+        lines = [r for r in run_folder.read_jsonl(self.journal) if int(r["round"]) <= last]  # a torn last line dropped
+        if len(lines) != int(ref["lines"]):
+            raise RunFolderError(f"cannot resume: {run_folder.LOCAL_MONITOR_JOURNAL} holds {len(lines)} lines up to "
+                                 f"round {last}, the checkpoint expects {ref['lines']}: the file is damaged")
+        if len(lines) < len(raw):  # drop later (and torn) lines for good, before the resumed run appends
+            durable_write_text(self.journal, "".join(ln + "\n" for ln in raw[:len(lines)]))
+        for line in lines:
+            if "table" in line:
+                self._load_table(line["table"])
+            else:
+                for obs in line["obs"]:
+                    self._refresh(self._apply(int(line["round"]), obs))
+            self.unattributed = int(line["unattributed"])
+        self._journal_round, self._journal_lines = last, len(lines)
 
     # ------------------------------------------------------------------ per round
 
     def observe_round(self, server_round: int, replies: Iterable[Any], record: dict[str, Any]) -> None:
         """Read the round's successful replies (trained and declined); add the round's metrics to
-        ``record`` (and drop per-client values Flower averaged into it)."""
+        ``record`` (and drop per-client values Flower averaged into it). Attached, the round's
+        observations are appended to the journal and fsynced before this returns."""
         if not self.enabled:
             return
         for msg in replies:
@@ -99,36 +182,57 @@ class LocalPrivacyMonitor:
             elif "clients-trained" not in msg.content["metrics"]:
                 client = msg.content["client"] if "client" in msg.content else None
                 self.observe_metrics(server_round, msg.content["metrics"], None if client is None else client.get("key"))
+        if self.journal is not None:
+            run_folder.append_jsonl(self.journal, {"round": int(server_round), "unattributed": self.unattributed,
+                                                   "obs": self._round})
+            self._journal_round, self._journal_lines = int(server_round), self._journal_lines + 1
+        self._round = []
         for key in _UNAVERAGEABLE:
             record.pop(key, None)
-        eps = self.epsilons()
-        record["local_epsilon_max"] = max(eps) if eps else 0.0
-        record["local_epsilon_mean"] = sum(eps) / len(eps) if eps else 0.0
+        record["local_epsilon_max"] = self.figures.max()
+        record["local_epsilon_mean"] = self.figures.mean()
 
     def observe_metrics(self, server_round: int, metrics: Any, key: Any) -> None:
+        """One client's report into the table (and, attached, into the round's journal line)."""
         if key is None or "local_epsilon" not in metrics:
             self.unattributed += 1
             return
         cid = str(key)
-        e = self.clients.setdefault(cid, ClientEntry(cid))
-        e.rows = int(metrics.get("num-examples", e.rows))
-        e.epsilon = float(metrics["local_epsilon"])
-        e.rounds_reported = int(metrics.get("local_rounds", e.rounds_reported))
-        e.sample_rate = float(metrics.get("local_sample_rate", e.sample_rate))
+        e = self.clients.get(cid) or ClientEntry(cid)
+        declined = float(metrics.get("declined", 0.0)) > 0
+        obs = [cid, int(metrics.get("num-examples", e.rows)), float(metrics["local_epsilon"]),
+               int(metrics.get("local_rounds", e.rounds_reported)), float(metrics.get("local_sample_rate", e.sample_rate)),
+               int(declined), None if declined else float(metrics.get("local_noise_multiplier", math.nan)),
+               0 if declined else int(metrics.get("local_steps", 0))]
+        self._apply(server_round, obs)
+        self._round.append(obs)
+        self._refresh(self.clients[cid])
+
+    def _apply(self, server_round: int, obs: list[Any]) -> ClientEntry:
+        """One observation into the table (live, or replayed from the journal: the same code)."""
+        cid, rows, eps, rounds, q, declined, z, steps = obs
+        e = self.clients.get(str(cid))
+        if e is None:
+            e = self.clients[str(cid)] = ClientEntry(str(cid))
+        e.rows, e.epsilon, e.rounds_reported, e.sample_rate = int(rows), _float(eps), int(rounds), _float(q)
         e.last_round = int(server_round)
-        if float(metrics.get("declined", 0.0)) > 0:
+        if declined:
             e.declined += 1
-            return
-        z, steps = float(metrics.get("local_noise_multiplier", math.nan)), int(metrics.get("local_steps", 0))
+            return e
         e.rounds_seen += 1
-        e.steps_seen += steps
-        e.noise_multipliers.append(z)
-        e.releases.append((z, e.sample_rate, steps))
+        e.steps_seen += int(steps)
+        e.noise_multipliers.append(_float(z))
+        e.releases.append((_float(z), e.sample_rate, int(steps)))
+        return e
+
+    def _refresh(self, e: ClientEntry) -> None:
+        """Recompute one client's figure (only clients heard from this round change)."""
+        self.figures.set(e.client_id, e.epsilon if e.ledger_complete else max(e.epsilon, self._recomputed(e)))
 
     def epsilons(self) -> list[float]:
         """Each client's figure; a lost ledger's is at least what the releases the server saw cost
         (the same rule as the end-of-run table, so a round's figure never reads lower)."""
-        return [e.epsilon if e.ledger_complete else max(e.epsilon, self._recomputed(e)) for e in self.clients.values()]
+        return list(self.figures.values.values())
 
     # ------------------------------------------------------------------ end of run
 
@@ -147,9 +251,8 @@ class LocalPrivacyMonitor:
         rows = []
         for cid in sorted(self.clients):
             e = self.clients[cid]
-            epsilon = e.epsilon
+            epsilon = self.figures.values[cid]  # max(reported, recomputed) where the ledger is incomplete
             if not e.ledger_complete:
-                epsilon = max(epsilon, self._recomputed(e))
                 caveats.append(
                     f"client {cid}'s ledger holds {e.rounds_reported} rounds but the server saw it train "
                     f"{e.rounds_seen}: its state was lost (a wiped state-dir?); its epsilon here is recomputed from "
@@ -182,8 +285,6 @@ class LocalPrivacyMonitor:
             )
         if self.unattributed:
             caveats.append(f"{self.unattributed} replies carried no local-DP report")
-        epsilons = [r["epsilon"] for r in rows]
-        eps_max = max(epsilons) if epsilons else 0.0
         return {
             "unit": "example",
             "guarantee": (
@@ -213,8 +314,8 @@ class LocalPrivacyMonitor:
             "target_epsilon": lo.target_epsilon,
             "epsilon_bound": lo.target_epsilon,
             "noise_multiplier": lo.noise_multiplier,
-            "epsilon_max": eps_max,
-            "epsilon_mean": sum(epsilons) / len(epsilons) if epsilons else 0.0,
+            "epsilon_max": self.figures.max(),  # the last round's local_epsilon_max, exactly
+            "epsilon_mean": self.figures.mean(),
             "max_grad_norm": lo.max_grad_norm,
             "clipping": lo.clipping,
             "grad_sample_mode": lo.grad_sample_mode,
