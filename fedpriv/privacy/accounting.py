@@ -15,6 +15,14 @@ moves a sum of clipped contributions by up to twice the clipping norm, so the
 ledger's noise multiplier (relative to one unit's norm bound) is halved before
 it is handed to dp-accounting. "all" releases in such a ledger are halved too.
 
+Pure releases (Laplace; any epsilon-DP mechanism via the randomized-response pair) compose
+with the Gaussian ones in the same PLD/RDP; at delta 0 their epsilon is the exact sum (a
+Gaussian makes it inf). They claim no amplification even on a round's sampled cohort: per
+rest-of-sample T, the joint pair's likelihood ratio (1-q) + q g l is, for each Gaussian
+output, a contraction towards its mean of ((1-q) + q g) l, the ratio of "amplified Gaussian
+x unamplified Laplace", so by Jensen every hockey-stick divergence (either direction) of the
+joint is at most that of the composition the ledger computes.
+
 Everything here is a pure function of a tuple of releases, so results are
 cached: copies of a ledger and the schedule calibrator share the caches.
 """
@@ -26,6 +34,7 @@ import logging
 import math
 import threading
 from collections import OrderedDict
+from dataclasses import replace
 from functools import lru_cache
 from typing import Sequence
 
@@ -78,6 +87,25 @@ def _effective_noise(r: DpRelease, relation: str) -> float:
     return r.noise_multiplier / 2.0 if relation == REPLACE_ONE else r.noise_multiplier
 
 
+def _rr_noise_parameter(epsilon: float) -> float:
+    """Randomized response over 2 buckets answers truthfully with probability e^eps / (1 + e^eps):
+    dp-accounting's noise parameter p (uniform answer with probability p) is 2 / (1 + e^eps).
+    Kairouz, Oh & Viswanath (2015, Thm 2.1): this pair (Bernoulli(e^eps/(1+e^eps)) vs
+    Bernoulli(1/(1+e^eps))) dominates every (eps, 0)-DP mechanism, so composing it is a valid
+    (and, for k-fold composition, the optimal) bound for any epsilon-DP release (the exponential
+    mechanism included) whatever its output space."""
+    return 2.0 / (1.0 + math.exp(epsilon))
+
+
+def pure_epsilon_sum(releases: Sequence[DpRelease]) -> float:
+    """Epsilon at delta 0: the sum over pure releases; inf if a Gaussian release touched data."""
+    releases = _accountable(releases)
+    if any(not r.is_pure for r in releases):
+        return math.inf
+    replace_one = neighboring_relation(releases) == REPLACE_ONE
+    return float(sum(r.count * r.standalone_epsilon(replace_one) for r in releases))
+
+
 def _accountable(releases: Sequence[DpRelease]) -> tuple[DpRelease, ...]:
     """Drop releases that touch nobody, merge what becomes adjacent."""
     return tuple(merge(r for r in releases if not r.is_free))
@@ -107,7 +135,9 @@ def _quiet_dp_accounting():
 
 
 def _dp_event(r: DpRelease, relation: str) -> dp_event.DpEvent:
-    """One release (count 1) as a dp-accounting event."""
+    """One release (count 1) as a dp-accounting event (Gaussian or Laplace)."""
+    if r.kind == "laplace":
+        return dp_event.LaplaceDpEvent(_effective_noise(r, relation))
     gaussian = dp_event.GaussianDpEvent(_effective_noise(r, relation))
     if r.sampling == "poisson":
         return dp_event.PoissonSampledDpEvent(r.sampling_rate, gaussian)
@@ -117,24 +147,40 @@ def _dp_event(r: DpRelease, relation: str) -> dp_event.DpEvent:
     return gaussian
 
 
-@lru_cache(maxsize=4096)
-def _rdp_curve(key: tuple, relation: str) -> np.ndarray:
-    """RDP at :data:`RDP_ORDERS` of ONE release with parameters ``key``."""
-    release = DpRelease(*key[:3], 1, *key[3:])
-    acc = rdp_lib.RdpAccountant(orders=list(RDP_ORDERS),
-                                neighboring_relation=_RELATIONS[relation])
+def _event_rdp(release: DpRelease, relation: str, orders: tuple[float, ...]) -> np.ndarray:
+    """RDP at ``orders`` of ONE release (count ignored)."""
+    if release.kind == "pure":
+        # The randomized-response pair is symmetric, so its RDP is the same under either
+        # relation; dp-accounting only accepts it under replace-one (the epsilon doubles for a
+        # replace-one ledger: group privacy of size 2).
+        eps = release.standalone_epsilon(relation == REPLACE_ONE)
+        acc = rdp_lib.RdpAccountant(orders=list(orders), neighboring_relation=_RELATIONS[REPLACE_ONE])
+        event = dp_event.RandomizedResponseDpEvent(_rr_noise_parameter(eps), 2)
+    else:
+        acc = rdp_lib.RdpAccountant(orders=list(orders), neighboring_relation=_RELATIONS[relation])
+        event = _dp_event(release, relation)
     with _quiet_dp_accounting():
-        acc.compose(_dp_event(release, relation))
-    curve = np.array(acc.rdp, dtype=np.float64)
+        acc.compose(event)
+    return np.array(acc.rdp, dtype=np.float64)
+
+
+@lru_cache(maxsize=4096)
+def _rdp_curve(release: DpRelease, relation: str) -> np.ndarray:
+    """RDP at :data:`RDP_ORDERS` of ONE release like ``release`` (its count is ignored)."""
+    curve = _event_rdp(release, relation, RDP_ORDERS)
     curve.setflags(write=False)
     return curve
+
+
+def _one(r: DpRelease) -> DpRelease:
+    return r if r.count == 1 else replace(r, count=1)
 
 
 def _rdp_total(releases: tuple[DpRelease, ...]) -> np.ndarray:
     relation = neighboring_relation(releases)
     total = np.zeros(len(RDP_ORDERS))
     for r in releases:
-        total = total + r.count * _rdp_curve(r.key, relation)
+        total = total + r.count * _rdp_curve(_one(r), relation)
     return total
 
 
@@ -153,6 +199,14 @@ def _pld_one(noise_multiplier: float, sampling_rate: float, vdi: float):
 @lru_cache(maxsize=16)
 def _pld_term(r: DpRelease, vdi: float):
     """PLD of ``r.count`` compositions of release ``r``."""
+    if r.kind == "laplace":
+        return pld_lib.from_laplace_mechanism(
+            parameter=r.noise_multiplier, value_discretization_interval=vdi,
+            pessimistic_estimate=True).self_compose(r.count)
+    if r.kind == "pure":  # the dominating randomized-response pair (see _rr_noise_parameter)
+        return pld_lib.from_randomized_response(
+            noise_parameter=_rr_noise_parameter(r.standalone_epsilon()), num_buckets=2,
+            value_discretization_interval=vdi, pessimistic_estimate=True).self_compose(r.count)
     if r.sampling == "all":
         # Composing k Gaussians of std z is one Gaussian of std z/sqrt(k).
         return pld_lib.from_gaussian_mechanism(
@@ -221,15 +275,17 @@ def _check_accountant(releases: tuple[DpRelease, ...], accountant: str) -> None:
 @lru_cache(maxsize=1024)
 def epsilon(releases: tuple[DpRelease, ...], delta: float, accountant: str,
             vdi: float = DEFAULT_VALUE_DISCRETIZATION_INTERVAL) -> float:
-    """Epsilon at ``delta`` of the composition of ``releases``."""
-    if not 0.0 < delta < 1.0:
-        raise ValueError(f"delta must be in (0, 1), got {delta!r}")
+    """Epsilon at ``delta`` of the composition of ``releases`` (delta 0: pure releases only)."""
+    if not 0.0 <= delta < 1.0:
+        raise ValueError(f"delta must be in [0, 1), got {delta!r}")
     _check_accountant(releases, accountant)
     releases = _accountable(releases)
     if not releases:
         return 0.0
     if any(r.is_non_private for r in releases):
         return math.inf
+    if delta == 0.0:
+        return pure_epsilon_sum(releases)
     if accountant == "rdp":
         eps, _ = rdp_lib.compute_epsilon(RDP_ORDERS, _rdp_total(releases), delta)
         return float(eps)
@@ -276,7 +332,7 @@ def epsilons_by_round(rounds: Sequence[DpRelease], delta: float, accountant: str
             if r.is_non_private:
                 non_private = True
             elif accountant == "rdp":
-                step = r.count * _rdp_curve(r.key, relation)
+                step = r.count * _rdp_curve(_one(r), relation)
                 running = step if running is None else running + step
             else:
                 term = _pld_term(r, vdi)
@@ -334,6 +390,9 @@ def estimate_epsilon(releases: Sequence[DpRelease], delta: float) -> float:
     relation = neighboring_relation(releases)
     total = np.zeros(len(_ESTIMATE_ORDERS))
     for r in releases:
+        if r.kind != "gaussian":
+            total += r.count * _event_rdp(r, relation, tuple(_ESTIMATE_ORDERS))
+            continue
         total += r.count * _estimate_curve(_effective_noise(r, relation), r.sampling_rate)
     eps, _ = rdp_lib.compute_epsilon(_ESTIMATE_ORDERS, total, delta)
     return float(eps)

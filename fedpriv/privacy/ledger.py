@@ -13,7 +13,8 @@ from typing import Any
 from . import accounting
 from .accounting import DEFAULT_VALUE_DISCRETIZATION_INTERVAL
 from .noise import effective_noise_multiplier, total_noise_multiplier, update_noise_for_total
-from .releases import REPLACE_ONE, DpRelease, make_release, neighboring_relation
+from .releases import (REPLACE_ONE, DpRelease, make_laplace_release, make_pure_release, make_release,
+                       neighboring_relation, release_from_dict)
 
 __all__ = ["PrivacyLedger", "DpRelease", "effective_noise_multiplier",
            "total_noise_multiplier", "update_noise_for_total"]
@@ -22,7 +23,7 @@ _STATE_VERSION = 1
 
 
 class PrivacyLedger:
-    """Records Gaussian releases and answers "epsilon at delta".
+    """Records releases (Gaussian, Laplace, any epsilon-DP) and answers "epsilon at delta".
 
     value_discretization_interval: PLD discretisation (smaller = tighter and
         slower; the PLD figure is an upper bound at any value).
@@ -59,8 +60,40 @@ class PrivacyLedger:
         Raises ``ValueError`` for invalid arguments or for mixing "poisson"
         and "fixed" in one ledger (no common neighbouring relation).
         """
-        release = make_release(noise_multiplier, sampling_rate, sampling, count,
-                               population, sample_size)
+        return self._add(make_release(noise_multiplier, sampling_rate, sampling, count,
+                                      population, sample_size))
+
+    def record_laplace(self, scale_over_sensitivity: float, count: int = 1, *, label: str,
+                       sensitivity: float | None = None, scale: float | None = None,
+                       mechanism: str = "laplace") -> DpRelease:
+        """Record ``count`` releases of the Laplace mechanism (pure DP).
+
+        scale_over_sensitivity: noise scale b / L1 sensitivity s of one unit's contribution
+            under add/remove-one (epsilon = s / b each). Accounted exactly by dp-accounting's
+            Laplace PLD (``LaplaceDpEvent`` with parameter b/s in RDP). 0 = no noise (inf).
+        label: what was released (privacy.json lists it); sensitivity, scale: for the listing.
+        No amplification by sampling is claimed (see :mod:`fedpriv.privacy.accounting`).
+        In a replace-one ledger the sensitivity doubles (the parameter is halved).
+        """
+        return self._add(make_laplace_release(scale_over_sensitivity, count, label, sensitivity, scale,
+                                              mechanism))
+
+    def record_pure_dp(self, epsilon: float, count: int = 1, *, label: str, mechanism: str) -> DpRelease:
+        """Record ``count`` releases of any (epsilon, 0)-DP mechanism (e.g. the exponential mechanism).
+
+        epsilon: its guarantee under add/remove-one of a unit (doubled in a replace-one ledger).
+        Accounted with the two-bucket randomized-response pair with the same epsilon, which
+        dominates every epsilon-DP mechanism (Kairouz, Oh & Viswanath 2015), so the composed
+        figure is a valid upper bound whatever the mechanism's outputs.
+        """
+        return self._add(make_pure_release(epsilon, count, label, mechanism))
+
+    def extend(self, other: "PrivacyLedger") -> None:
+        """Append another ledger's releases (same unit and relation) after this one's."""
+        for r in other._events:
+            self._add(r)
+
+    def _add(self, release: DpRelease) -> DpRelease:
         neighboring_relation(self._events + [release])  # raises on a bad mix
         if self._events and self._events[-1].key == release.key:
             self._events[-1] = replace(self._events[-1],
@@ -75,6 +108,19 @@ class PrivacyLedger:
     def events(self) -> list[DpRelease]:
         """The merged releases, oldest first (a copy)."""
         return list(self._events)
+
+    @property
+    def pure_events(self) -> list[DpRelease]:
+        """The Laplace and other pure-DP releases, oldest first."""
+        return [r for r in self._events if r.is_pure]
+
+    def releases_table(self) -> list[dict[str, Any]]:
+        """One row per pure release for privacy.json: label, mechanism, count, sensitivity, scale,
+        epsilon of one release and of all ``count`` (delta 0, under this ledger's relation)."""
+        replace_one = self.neighboring_relation == REPLACE_ONE
+        return [{"label": r.label, "mechanism": r.mechanism, "count": r.count, "sensitivity": r.sensitivity,
+                 "scale": r.scale, "epsilon_each": r.standalone_epsilon(replace_one),
+                 "epsilon": r.count * r.standalone_epsilon(replace_one)} for r in self.pure_events]
 
     @property
     def num_releases(self) -> int:
@@ -117,7 +163,7 @@ class PrivacyLedger:
         return accountant
 
     def epsilon(self, delta: float, accountant: str | None = None) -> float:
-        """Epsilon of everything recorded so far, at ``delta``.
+        """Epsilon of everything recorded so far, at ``delta`` (0 allowed: pure releases only).
 
         accountant: "pld", "rdp", or None/"reported" (PLD where supported,
             else RDP). Asking for "pld" with fixed-size releases raises
@@ -163,12 +209,7 @@ class PrivacyLedger:
         return {
             "version": _STATE_VERSION,
             "value_discretization_interval": self._vdi,
-            "events": [
-                {"noise_multiplier": r.noise_multiplier, "sampling_rate": r.sampling_rate,
-                 "sampling": r.sampling, "count": r.count, "population": r.population,
-                 "sample_size": r.sample_size}
-                for r in self._events
-            ],
+            "events": [r.to_dict() for r in self._events],
         }
 
     @classmethod
@@ -179,8 +220,13 @@ class PrivacyLedger:
         ledger = cls(value_discretization_interval=state.get(
             "value_discretization_interval", DEFAULT_VALUE_DISCRETIZATION_INTERVAL))
         for e in state["events"]:
-            ledger.record(**e)
+            ledger._add(release_from_dict(e))
         return ledger
+
+    @classmethod
+    def from_events(cls, events: list[dict[str, Any]]) -> "PrivacyLedger":
+        """A ledger of the releases a report lists (``state_dict()["events"]``); validated again."""
+        return cls.from_state_dict({"version": _STATE_VERSION, "events": list(events)})
 
     def __repr__(self) -> str:
         return (f"PrivacyLedger({len(self._events)} events, {self.num_releases} releases, "
