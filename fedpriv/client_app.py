@@ -17,9 +17,11 @@ import torch
 from flwr.app import ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from clients.analytics import ShareValidation, answer_query
 from clients.cohort import train_share
 from clients.identity import client_key
 from clients.local_update import run_local_update
+from fedpriv.analytics import QUERY_KEY
 from fedpriv.client_state import ClientStateStore, node_state_dir
 from fedpriv.config import RunConfig
 from fedpriv.task import EmptyPartition, decode_config, load_client_data, new_model
@@ -56,14 +58,21 @@ def client_store(rc: RunConfig, cfg: ConfigRecord, node_config: dict) -> ClientS
 
 @app.train()
 def train_handler(msg: Message, context: Context) -> Message:
+    if QUERY_KEY in msg.content["config"]:
+        return query_handler(msg, context)
     if "client-ids" in msg.content["config"]:
         return share_handler(msg, context)
     try:
         rc, cfg, data, model = _setup(msg, context)
         node_config = dict(context.node_config)
         key = client_key(rc.client_mode, int(cfg["client-id"]), node_config)
-        arrays, metrics = run_local_update(rc, cfg, data, model, client_store(rc, cfg, node_config), key)
+        store = client_store(rc, cfg, node_config)
+        validation = ShareValidation(rc, int(cfg["server-round"]), store)  # analytics, if due this round
+        validation.add(model, data, key)  # the incoming global model on its held-out rows, before training
+        arrays, metrics = run_local_update(rc, cfg, data, model, store, key)
         content = RecordDict({"arrays": arrays, "metrics": MetricRecord(metrics)})
+        if validation.due:
+            content["analytics"] = validation.record()
         if rc.privacy.mode in ("local", "central_local"):  # who reports this ledger (the server's table)
             content["client"] = ConfigRecord({"key": key})
         return Message(content, reply_to=msg)
@@ -71,6 +80,17 @@ def train_handler(msg: Message, context: Context) -> Message:
         return _error_reply(msg, ERROR_EMPTY, f"empty: {exc}")
     except Exception as exc:  # noqa: BLE001 - any client fault is reported, never raised into the engine
         log.warning("client failed: %s", traceback.format_exc())
+        return _error_reply(msg, ERROR_CLIENT, f"{type(exc).__name__}: {exc}")
+
+
+def query_handler(msg: Message, context: Context) -> Message:
+    """An analytics query before training (clients.analytics): bounded figures, no training."""
+    try:
+        cfg = msg.content["config"]
+        rc, node_config = decode_config(str(cfg["task"])), dict(context.node_config)
+        return Message(answer_query(rc, cfg, node_config, client_store(rc, cfg, node_config)), reply_to=msg)
+    except Exception as exc:  # noqa: BLE001 - reported, never raised into the engine
+        log.warning("analytics query failed: %s", traceback.format_exc())
         return _error_reply(msg, ERROR_CLIENT, f"{type(exc).__name__}: {exc}")
 
 

@@ -227,6 +227,36 @@ def check_config(rc: RunConfig, explicit: set[str] | None = None) -> None:
         "audit.noise_scale",
         "only an audit run (audit.enabled=true) may scale the noise actually drawn",
     )
+    an = rc.analytics
+    _one_of(an.mode, ("none", "central", "local"), "analytics.mode")
+    for key in ("epsilon_label_histogram", "epsilon_validation"):
+        value = getattr(an, key)
+        _require(value is None or value > 0, f"analytics.{key}", f"must be > 0 (or null: not released), got {value}")
+    _require(an.validation_every >= 1, "analytics.validation_every", f"must be >= 1, got {an.validation_every}")
+    _require(
+        an.mode != "central" or pr.mode in ("none", "central"),
+        "analytics.mode",
+        f"analytics=central has the server add the noise, which privacy={pr.mode} does not trust (its clients' "
+        "figures would leave them raw); use privacy=none or central, or analytics=local with privacy=local",
+    )
+    _require(
+        an.mode != "local" or pr.mode == "local",
+        "analytics.mode",
+        f"analytics=local charges each client's own DP-SGD ledger (example level): it needs privacy=local, got "
+        f"privacy={pr.mode}",
+    )
+    sel = rc.selection
+    _one_of(sel.method, ("last", "noisy_max", "released_argmax"), "selection.method")
+    _require(sel.method == "last" or (an.mode != "none" and an.epsilon_validation is not None), "selection.method",
+             f"{sel.method} chooses by the clients' validation accuracy: it needs analytics (central or local) with "
+             "analytics.epsilon_validation set")
+    _require(sel.method == "last" or an.validation_every <= rc.num_rounds, "selection.method",
+             f"no candidate: the first validation (round {an.validation_every}) comes after the last round")
+    _require(sel.method != "noisy_max" or an.mode == "central", "selection.method",
+             f"noisy_max reads the RAW validation sums, which only a trusted server holds (analytics=central); with "
+             f"analytics={an.mode} use released_argmax (post-processing of the released figures)")
+    _require(sel.method != "noisy_max" or (sel.epsilon is not None and sel.epsilon > 0), "selection.epsilon",
+             f"noisy_max costs a finite epsilon > 0 (its pure-DP charge), got {sel.epsilon}")
     _check_read(rc, "", explicit)
 
 

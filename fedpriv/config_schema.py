@@ -115,7 +115,8 @@ class LocalPrivacyConfig:
     clipping: str = "flat"  # flat | per_layer
     max_physical_batch_size: int = 256  # memory only; logical (Poisson) batches and privacy are unchanged
     secure_mode: bool = False  # Opacus CSPRNG (needs torchcsprng); else privacy.secure_rng decides the seeds
-    # Participations a client calibrates for; None: ~98th percentile of Binomial(num_rounds, q).
+    # Participations a client calibrates for; None: ~98th percentile of Binomial(num_rounds, q). Under
+    # analytics=local its own Laplace releases are planned alongside (fedpriv/privacy/local_plan.py).
     expected_rounds: Optional[int] = None
 
 
@@ -205,6 +206,65 @@ class AuditConfig:
 
 
 @dataclass
+class QuasiIdentifierConfig:
+    """How one quasi-identifier column is generalised (fedpriv.anonymisation): level 0 is the exact
+    value, then each band width in turn, then "*" (the value withheld). Either bands + domain
+    (a numeric column) or values (a categorical one)."""
+
+    column: str = ""  # the data set's column (heart_disease: age, sex, trestbps, chol, ...)
+    # Interval widths, finest first, each a multiple of the one before (nested bands from domain[0]);
+    # a generalised value trains as its band's midpoint, "*" as the training rows' mean.
+    bands: list[float] = field(default_factory=list)
+    domain: list[float] = field(default_factory=list)  # [low, high): a row outside is refused, never guessed
+    values: list[float] = field(default_factory=list)  # a categorical column's values (generalised only to "*")
+
+
+@dataclass
+class AnonymisationConfig:
+    """k-anonymity of each client's own rows before it trains (fedpriv.anonymisation): protects against
+    linkage on the quasi-identifiers; it is NOT differential privacy. Tabular data sets only."""
+
+    enabled: bool = False
+    k: int = read_if("enabled", True, default=5)  # every released row shares its quasi-identifiers with >= k-1 others
+    # Distinct target values (diagnoses) in every equivalence class; null: not asked (attribute disclosure open).
+    l_diversity: Optional[int] = read_if("enabled", True, default=None)
+    max_suppression: float = read_if("enabled", True, default=0.05)  # share of a client's rows it may withhold
+    identifiers: list[str] = read_if("enabled", True, default_factory=list)  # direct identifiers: columns removed
+    quasi_identifiers: list[QuasiIdentifierConfig] = read_if("enabled", True, default_factory=list)
+
+
+@dataclass
+class AnalyticsConfig:
+    """Federated analytics released with the Laplace mechanism (pure, user-level DP; fedpriv.analytics),
+    each release recorded in the run's ledger (central) or in each client's own ledger (local)."""
+
+    # none | central (privacy none/central: a trusted server adds the noise; user level) | local (privacy=local:
+    # each client noises its own figures, example level, in its own DP-SGD ledger)
+    mode: str = field(default="none", metadata=SELECTS)
+    # Epsilon of the label distribution released once before training. central: each client's label counts
+    # normalised to sum 1 (L1 sensitivity 1 per client); local: each client's counts (1 per example).
+    epsilon_label_histogram: Optional[float] = read_if("mode", "central", "local", default=0.5)
+    # Epsilon of EACH validation release of the round's incoming global model on the sampled clients' own
+    # held-out rows. central: the sum of their accuracies in [0, 1] and their count (L1 sensitivity 2 per
+    # client); local: each client's number of correct predictions (1 per example). null: not released.
+    epsilon_validation: Optional[float] = read_if("mode", "central", "local", default=0.2)
+    validation_every: int = read_if("mode", "central", "local", default=1)  # release it every k rounds
+
+
+@dataclass
+class SelectionConfig:
+    """Which round's global model is shipped as model.pt (fedpriv.selection); the candidates are the
+    models the federated analytics validated (analytics=central with epsilon_validation set)."""
+
+    # last: the last model (nothing to account) | noisy_max: the exponential mechanism over the RAW
+    # validation sums (trusted server; costs epsilon) | released_argmax: the best RELEASED (noisy)
+    # validation accuracy (post-processing, free).
+    method: str = field(default="last", metadata=SELECTS)
+    # noisy_max's cost: pure, user-level epsilon (add/remove-one client), added to the run's total.
+    epsilon: Optional[float] = read_if("method", "noisy_max", default=None)
+
+
+@dataclass
 class RunConfig:
     seed: int = 0
     num_clients: int = 20
@@ -228,6 +288,9 @@ class RunConfig:
     tracking: TrackingConfig = config_group(TrackingConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     audit: AuditConfig = config_group(AuditConfig)
+    analytics: AnalyticsConfig = config_group(AnalyticsConfig)  # Laplace-noised label histogram, validation
+    anonymisation: AnonymisationConfig = config_group(AnonymisationConfig)  # each client's rows, before training
+    selection: SelectionConfig = config_group(SelectionConfig)  # which round's model is shipped
 
 
 def group_schemas() -> dict[str, type]:

@@ -17,12 +17,14 @@ from flwr.app import ArrayRecord
 from flwr.serverapp import Grid
 
 from fedpriv import run_folder
+from fedpriv.analytics import FederatedAnalytics
 from fedpriv.callbacks import Callback, CentralEvaluation, Checkpointing, Disclosure, LocalPrivacy, Publishing
 from fedpriv.config import RunConfig
 from fedpriv.engine import Population, RunState, run_rounds
 from fedpriv.privacy.local_monitor import LocalPrivacyMonitor
 from fedpriv.sampling import ClientSampler
-from fedpriv.task import encode_config, new_model
+from fedpriv.selection import ModelSelection
+from fedpriv.task import dataset_for, encode_config, new_model
 from fedpriv.tracking import make_trackers
 from strategies import build_aggregator
 
@@ -76,16 +78,30 @@ def run_federation(grid: Grid, rc: RunConfig, extra_callbacks: list[Callback] = 
     aggregator = build_aggregator(rc)
     monitor = LocalPrivacyMonitor(rc)  # clients' own DP-SGD ledgers (privacy local / central_local)
     sampler = ClientSampler(rc.sampling, rc.num_clients, rc.clients_per_round, sampler_seed(rc))
+    # Federated analytics (Laplace): its own ledger, joined to the run's total in privacy.json.
+    analytics = FederatedAnalytics(rc, dataset_for(rc).num_classes) if rc.analytics.mode != "none" else None
+    evaluation = CentralEvaluation(rc)
+    # Which round's model ships (selection.method; the config checks that analytics validates): after the
+    # analytics, before Disclosure (its privacy.json section) and Checkpointing (the model.pt it swaps in).
+    selection = (ModelSelection(rc, analytics, evaluation.evaluate)
+                 if rc.selection.method != "last" and analytics is not None else None)
     callbacks: list[Callback] = [
         RunSummary(rc),
-        CentralEvaluation(rc),
+        evaluation,
+        *([analytics] if analytics is not None else []),  # before Disclosure (its figure) and Checkpointing
+        *([selection] if selection is not None else []),
         LocalPrivacy(monitor),
-        Disclosure(rc, aggregator, monitor),
-        Checkpointing(rc, {"aggregator": aggregator, "sampler": sampler, "local_monitor": monitor}),
+        Disclosure(rc, aggregator, monitor, analytics, selection),
+        Checkpointing(rc, {"aggregator": aggregator, "sampler": sampler, "local_monitor": monitor,
+                           **({"analytics": analytics} if analytics is not None else {})}),
         Publishing(rc, make_trackers(rc, run_dir)),
         *extra_callbacks,
     ]
     client_config: dict[str, Any] = {"task": encode_config(rc), "run-id": state.run_id}
     if rc.client_mode == "virtual":  # the simulated clients' own disks
         client_config["client-state-dir"] = str(run_folder.simulated_client_state_dir(run_dir))
-    return run_rounds(state, Population(grid, rc, sampler, stop), aggregator, callbacks, client_config)
+    population = Population(grid, rc, sampler, stop)
+    if analytics is not None:  # the label histogram, once, before round 1 (a resumed run holds it already)
+        analytics.on_start(state)
+        analytics.before_training(population, state.arrays, client_config)
+    return run_rounds(state, population, aggregator, callbacks, client_config)

@@ -15,6 +15,7 @@ import logging
 
 import numpy as np
 
+from fedpriv.anonymisation.report import check_anonymisation
 from fedpriv.config import ConfigError, RunConfig
 from fedpriv.data import SyntheticDataset, client_split, partition_indices
 from fedpriv.data.synthetic import possible_row_counts
@@ -46,6 +47,9 @@ def preflight(rc: RunConfig) -> list[str]:
     except ValueError as exc:
         raise ConfigError(f"config key 'model.name': {exc}") from None
     rows = client_rows(rc, ds)
+    if rc.anonymisation.enabled:  # every client's table anonymised as the client will; what cannot be is refused
+        released = check_anonymisation(rc, ds)
+        rows = released if rc.client_mode == "virtual" else rows
     aggregator = build_aggregator(rc)  # the server's privacy plan: an impossible budget fails here
     warnings = []
     if rc.privacy.mode in ("central", "central_local"):
@@ -113,7 +117,9 @@ def check_local_plans(rc: RunConfig, rows: np.ndarray) -> list[str]:
                           "ew; ghost clipping supports only clipping=flat")
     planned_participations(rc)  # refuses expected_rounds < 1
     largest = 0.0
-    for n in sorted(set(int(r) for r in rows)):  # one calibration per distinct row count (cached)
+    # One calibration per distinct row count (cached), the client's own: DP-SGD composed with its planned
+    # analytics=local releases; analytics that spend the budget alone are refused here (ConfigError).
+    for n in sorted(set(int(r) for r in rows)):
         zs = noise_plan(rc, sampling_plan(n, rc.train.batch_size, rc.train.local_epochs))
         largest = max(largest, max(zs))
     if largest > 10:

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from fedpriv.anonymisation.rows import anonymised_rows
 from fedpriv.config import RunConfig, from_dict, to_dict
 from fedpriv.data import (
     FederatedDataset,
@@ -85,6 +86,10 @@ def load_client_data(rc: RunConfig, client_id: int, node_config: dict[str, Any] 
     """
     node_config = node_config or {}
     if "data-path" in node_config:
+        if rc.anonymisation.enabled:
+            raise ValueError("anonymisation runs on the shared data set's raw columns; a data-path file is the "
+                             "owner's own: export it anonymised (deploy export-data with anonymisation=...) and "
+                             "run with anonymisation=none")
         return _load_owner_file(Path(str(node_config["data-path"])), client_id)
     if rc.client_mode == "nodes" and "partition-id" not in node_config:
         # One node = one client: a node that names no data must not train on someone else's part.
@@ -106,6 +111,11 @@ def load_client_data(rc: RunConfig, client_id: int, node_config: dict[str, Any] 
         raise EmptyPartition(f"client {client_id} has an empty partition ({rc.partition.scheme})")
     tr, va = client_split(idx, rc.data.val_fraction, rc.seed, client_id)
     tr, va = np.sort(tr), np.sort(va)
+    if rc.anonymisation.enabled:  # the client's own rows, k-anonymised before it trains on them
+        x_tr, y_tr, x_va, y_va = anonymised_rows(rc, ds, tr, va)
+        if len(x_tr) == 0:
+            raise EmptyPartition(f"client {client_id} has no training rows left after anonymisation")
+        return ClientData(client_id, x_tr, y_tr, x_va, y_va)
     return ClientData(client_id, ds.x_train[tr], ds.y_train[tr], ds.x_train[va], ds.y_train[va])
 
 

@@ -22,7 +22,9 @@ from fedpriv.config_schema import RunConfig, field_default, group_schemas, selec
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
 OPTIONS = sorted((p.parent.name, p.stem) for p in CONF.glob("*/*.yaml"))
-NEEDS = {"audit": ["privacy=central"]}  # an audit needs central DP: audit=central alone is refused
+NEEDS = {"audit": ["privacy=central"],  # an audit needs central DP: audit=central alone is refused
+         "selection": ["analytics=central"],  # selection chooses by the analytics' validation accuracy
+         "analytics=local": ["privacy=local"]}  # clients charge their own DP-SGD ledgers (one option's need)
 
 
 def selected(rc: RunConfig, key: str):
@@ -44,7 +46,8 @@ def test_every_group_folder_is_found():
 
 @pytest.mark.parametrize("group, option", OPTIONS, ids=[f"{g}={o}" for g, o in OPTIONS])
 def test_every_option_of_every_group_composes_and_validates(group, option):
-    jobs = compose_jobs([f"{group}={option}", *NEEDS.get(group, [])], multirun=group == "experiment", from_shell=False)
+    needs = NEEDS.get(f"{group}={option}", NEEDS.get(group, []))
+    jobs = compose_jobs([f"{group}={option}", *needs], multirun=group == "experiment", from_shell=False)
     assert len(jobs) == (sweep_size(option) if group == "experiment" else 1)
     key = selector_key(group)
     for job in jobs:

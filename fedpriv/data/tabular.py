@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -55,6 +56,48 @@ def read_heart_disease(root: str | os.PathLike | None = None) -> tuple[np.ndarra
     return np.concatenate(feats), np.concatenate(ys), np.concatenate(hosp)
 
 
+@dataclass(frozen=True, eq=False)
+class RawTable:
+    """A tabular data set's training rows before standardisation, for client-side steps that need the
+    real values (anonymisation generalises ages into bands, not z-scores).
+
+    ``x_train`` holds the same rows, in the same order, as the loaded data set's ``x_train``;
+    ``mean`` / ``std`` are the standardisation the loader applied (``x = (raw - mean) / std``), so a
+    transformed raw row goes back into the model's feature space the same way.
+    """
+
+    columns: tuple[str, ...]
+    x_train: np.ndarray
+    mean: np.ndarray
+    std: np.ndarray
+
+
+def _heart_split(root: str | os.PathLike | None) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(raw features, labels, hospital, test mask): the one split every caller shares."""
+    x, y, hosp = read_heart_disease(root)
+    return x, y, hosp, stratified_holdout(y, HOLDOUT_FRACTION, HOLDOUT_SEED, groups=hosp)
+
+
+def _standardisation(x_train: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    mean = x_train.mean(axis=0)
+    std = x_train.std(axis=0)
+    std[std == 0] = 1.0
+    return mean, std
+
+
+def heart_disease_raw(root: str | os.PathLike | None = None) -> RawTable:
+    """The heart-disease training rows in their own units (years, mm Hg, mg/dl, codes)."""
+    x, _, _, test = _heart_split(root)
+    mean, std = _standardisation(x[~test])
+    raw = x[~test]
+    readonly(raw, mean, std)
+    return RawTable(HEART_FEATURES, raw, mean, std)
+
+
+# Data sets whose raw, named columns a client-side step can read (fedpriv.anonymisation).
+RAW_TABLES = {"heart_disease": heart_disease_raw}
+
+
 def load_heart_disease(root: str | os.PathLike | None = None) -> FederatedDataset:
     """UCI Heart Disease, four hospitals as natural clients (cross-silo).
 
@@ -62,11 +105,8 @@ def load_heart_disease(root: str | os.PathLike | None = None) -> FederatedDatase
     central test set. Features standardised with the training rows' mean/std (pooled
     over hospitals: a central preprocessing step, not covered by any privacy budget).
     """
-    x, y, hosp = read_heart_disease(root)
-    test = stratified_holdout(y, HOLDOUT_FRACTION, HOLDOUT_SEED, groups=hosp)
-    mean = x[~test].mean(axis=0)
-    std = x[~test].std(axis=0)
-    std[std == 0] = 1.0
+    x, y, hosp, test = _heart_split(root)
+    mean, std = _standardisation(x[~test])
     x = ((x - mean) / std).astype(np.float32)
     x_train, y_train, nat = x[~test], y[~test], hosp[~test]
     x_test, y_test = x[test], y[test]

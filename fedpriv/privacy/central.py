@@ -122,9 +122,15 @@ class CentralGaussianMechanism:
         if self.plan.target_epsilon is not None:
             trial = self.ledger.copy()
             self.plan.record_round(trial, self.noise_multiplier(server_round))
+            # what the run releases besides training if it stops after this round (analytics, selection)
+            others = self.plan.reserved(server_round) if self.plan.reserved is not None else None
+            if others is not None:
+                trial.extend(others)
             eps = trial.epsilon(self.plan.delta, self.plan.accountant)
             if eps > self.plan.target_epsilon * (1 + 1e-9):
-                return f"privacy budget: round {server_round} would bring epsilon to {eps:.3f} > target {self.plan.target_epsilon}"
+                also = " (with the run's analytics / selection releases)" if others and others.num_releases else ""
+                return (f"privacy budget: round {server_round} would bring epsilon to {eps:.3f}{also} > target "
+                        f"{self.plan.target_epsilon}")
         return None
 
     def start_round(self) -> float:

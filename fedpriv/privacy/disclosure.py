@@ -87,12 +87,25 @@ def outputs_section(mode: str, published_round_keys: Iterable[str], opt_in_track
                     + (", plus operator-only diagnostics (tracking.operator_diagnostics=true)" if opt_in_trackers else ""),
         "operator_only/": "OPERATOR ONLY, not covered by the guarantee: diagnostics.jsonl (raw per-round figures), "
                           "privacy_details.json (per-client tables that reveal participation), "
-                          "simulated_client_state/ (the simulated clients' own ledgers)",
+                          "anonymisation.json (with anonymisation: each client's k and l achieved, rows withheld, "
+                          "information loss, re-identification risk), "
+                          "simulated_client_state/ (the simulated clients' own ledgers), "
+                          "selection.json and candidates/ (with selection: the candidate rounds' scores and models; "
+                          "model.pt is the chosen one)",
         "simulate.log, .hydra/": "OPERATOR ONLY: Hydra's job log (fedpriv's log lines, which can name failed or "
                                  "rejected clients) and the composed configuration",
         "checkpoint.pt": "OPERATOR ONLY: the model, the strategy's and the ledgers' state and the last round's records, "
-                         "to resume; never any random generator state of a run with privacy.secure_rng=true",
+                         "to resume (with analytics=central also the RAW per-round validation sums); never any "
+                         "random generator state of a run with privacy.secure_rng=true",
     }
+
+
+# What scripts/assess_risk.py (fedpriv.risk) adds to privacy.json's ``outputs`` after the run.
+RISK_OUTPUT = (
+    "OPERATOR ONLY, not covered by the guarantee: the membership-inference figures of the released model "
+    "(computed on the clients' private training rows); privacy.json's risk section holds only the ceilings "
+    "implied by the published (epsilon, delta), unless the operator published the figures (--publish)"
+)
 
 
 def published_round_keys(history: list[dict[str, Any]]) -> set[str]:

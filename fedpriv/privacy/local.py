@@ -13,9 +13,9 @@ pair of distributions of a Poisson-sampled row, which is what the ledger account
 This module holds what does not depend on Opacus (so that the launcher can check every
 client's plan before anything starts, and the server can reason about clients' reports):
 
-* :func:`sampling_plan` -- the Poisson rate and step count Opacus uses for ``n`` rows;
-* :func:`planned_participations` and :func:`noise_plan` -- how many rounds a client plans for and
-  the noise multiplier of each, calibrated to ``privacy.local.target_epsilon``;
+* the plan (:mod:`fedpriv.privacy.local_plan`, re-exported here): :func:`sampling_plan`,
+  :func:`planned_participations`, :func:`planned_analytics` and :func:`noise_plan` -- how many rounds
+  a client plans for, its own analytics releases, and the noise multiplier of each participation;
 * :class:`ClientLedger` -- a client's composed history, kept in its own
   :class:`~fedpriv.client_state.ClientStateStore` under its stable key, never in the server's hands;
 * :func:`decide_round` / :func:`commit_round` -- the budget decision before any data is touched,
@@ -23,132 +23,31 @@ client's plan before anything starts, and the server can reason about clients' r
 
 Calibration: with a target, the client calibrates its noise for ``E`` participations of
 ``epochs * ceil(n / batch_size)`` steps each, with the run's schedule shape, so that its epsilon
-after ``E`` rounds is at most the target; a round that would take it past the target is declined.
+after ``E`` rounds, its planned analytics releases (``analytics=local``) included, is at most the
+target; a round (or a release) that would take it past the target is declined.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import math
 from dataclasses import dataclass
-from functools import lru_cache
 from typing import Any
 
 from fedpriv.client_state import ClientStateError, ClientStateStore
-from fedpriv.config import ConfigError, RunConfig
+from fedpriv.config import RunConfig
 
-from . import schedules
 from .ledger import PrivacyLedger
-from .plan import schedule_shape
+from .local_plan import (SamplingPlan, budget_words, noise_plan, noise_plan_key, planned_analytics,
+                         planned_participations, planned_split, planned_validations, sampling_plan)
+
+__all__ = ["SamplingPlan", "sampling_plan", "planned_participations", "planned_validations", "planned_analytics",
+           "noise_plan", "noise_plan_key", "planned_split", "budget_words", "ClientLedger", "load_client_ledger",
+           "save_client_ledger", "RoundDecision", "decide_round", "commit_round"]
 
 log = logging.getLogger("fedpriv.privacy.local")
 
 STATE_PREFIX = "ledger-"
 _STATE_VERSION = 2
-
-
-# --------------------------------------------------------------------------------------- sampling
-
-
-@dataclass(frozen=True)
-class SamplingPlan:
-    """What one round of DP-SGD on ``n`` rows costs: ``steps`` Poisson steps at rate ``q``."""
-
-    n: int
-    batch_size: int
-    epochs: int
-    sample_rate: float  # each row's chance to be in one step's batch
-    steps_per_epoch: int
-
-    @property
-    def steps(self) -> int:
-        return self.epochs * self.steps_per_epoch
-
-    @property
-    def expected_batch_size(self) -> int:
-        """Opacus divides the noisy sum by this (never by the batch's real size, which is private)."""
-        return int(self.n * self.sample_rate)
-
-
-def sampling_plan(n: int, batch_size: int, epochs: int) -> SamplingPlan:
-    """The Poisson rate and step count Opacus uses for a loader of ``batch_size`` over ``n`` rows."""
-    if n < 1:
-        raise ConfigError(f"DP-SGD needs at least one training row, got {n}")
-    if batch_size < 1 or epochs < 1:
-        raise ConfigError(f"config key 'train': batch_size and local_epochs must be >= 1, got {batch_size}, {epochs}")
-    batches = math.ceil(n / batch_size)  # len(DataLoader(..., batch_size, drop_last=False))
-    q = 1 / batches  # DPDataLoader.from_data_loader: sample_rate = 1 / len(data_loader)
-    return SamplingPlan(n, batch_size, epochs, q, int(1 / q))  # UniformWithReplacementSampler.steps
-
-
-# ---------------------------------------------------------------------- the client's privacy plan
-
-
-def planned_participations(rc: RunConfig) -> int:
-    """Rounds a client calibrates its noise for.
-
-    ``privacy.local.expected_rounds`` when set. Otherwise a client joins each of ``T`` rounds with
-    probability ``p`` (1 under ``sampling=all``, ``clients_per_round / num_clients`` otherwise), so
-    its participations are Binomial(T, p); it plans for ``min(T, ceil(Tp + 2 sqrt(Tp(1-p))))``
-    (about the 98th percentile): most clients never meet the budget stop, at the price of a
-    little more noise per round than planning for the mean ``Tp`` would give.
-    """
-    lo = rc.privacy.local
-    if lo.expected_rounds is not None:
-        if lo.expected_rounds < 1:
-            raise ConfigError(f"config key 'privacy.local.expected_rounds': must be >= 1, got {lo.expected_rounds}")
-        return int(lo.expected_rounds)
-    t = rc.num_rounds
-    p = 1.0 if rc.sampling == "all" else min(1.0, rc.clients_per_round / rc.num_clients)
-    return max(1, min(t, math.ceil(t * p + 2 * math.sqrt(t * p * (1 - p)) - 1e-9)))
-
-
-def _relative_plan(shape: schedules.Shape, num_rounds: int, participations: int) -> tuple[float, ...]:
-    """The run's shape over ``num_rounds`` server rounds, compressed onto a client's
-    ``participations``: its k-th participation takes the value at the same fraction of the run."""
-    over_run = shape.values(num_rounds)
-    return tuple(over_run[min(num_rounds - 1, (k * num_rounds) // participations)] for k in range(participations))
-
-
-@lru_cache(maxsize=256)
-def _calibrated_plan(rel: tuple[float, ...], sample_rate: float, steps: int, delta: float,
-                     target: float, accountant: str) -> tuple[float, ...]:
-    shape = schedules.phases([(1, v) for v in rel])
-    try:
-        sched = schedules.calibrate(shape, len(rel), sample_rate, "poisson", delta, target,
-                                    steps_per_round=steps, accountant=accountant)
-    except ValueError as exc:
-        raise ConfigError(f"config key 'privacy.local.target_epsilon': {target:g} cannot be reached: {exc}") from None
-    return tuple(sched.noise_multipliers())
-
-
-def noise_plan_key(rc: RunConfig, plan: SamplingPlan) -> str:
-    """Everything a client's noise plan depends on, as a string."""
-    lo = rc.privacy.local
-    e = planned_participations(rc)
-    return json.dumps({
-        "rel": _relative_plan(schedule_shape(rc), rc.num_rounds, e),
-        "q": plan.sample_rate, "steps": plan.steps, "delta": lo.delta, "target": lo.target_epsilon,
-        "z": lo.noise_multiplier, "accountant": rc.privacy.accountant,
-    }, sort_keys=True)
-
-
-def noise_plan(rc: RunConfig, plan: SamplingPlan) -> tuple[float, ...]:
-    """Noise multiplier of a client's 1st, 2nd, ... participation (its last value beyond).
-
-    With ``noise_multiplier`` set: that value, then following the shape. Else calibrated so the planned
-    participations reach at most ``target_epsilon`` (the same search as central DP's schedules).
-    """
-    lo = rc.privacy.local
-    e = planned_participations(rc)
-    rel = _relative_plan(schedule_shape(rc), rc.num_rounds, e)
-    if lo.noise_multiplier is not None:  # the first participation gets it, as under central DP
-        return tuple(float(lo.noise_multiplier) * v / rel[0] for v in rel)
-    if lo.target_epsilon is None:
-        raise ConfigError("config key 'privacy.local': give target_epsilon or noise_multiplier")
-    return _calibrated_plan(rel, plan.sample_rate, plan.steps, float(lo.delta), float(lo.target_epsilon),
-                            rc.privacy.accountant)
 
 
 # ----------------------------------------------------------------------------- the client's ledger

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from functools import partial
+from typing import Any, Callable
 
 from fedpriv.config import ConfigError, RunConfig
 
@@ -30,6 +31,9 @@ class NoisePlan:
     denominator: the expected cohort the noised sum is divided by (sensitivity C / denominator).
     delta: the delta every epsilon of this run is reported at.
     target_epsilon: the budget; a round that would exceed it is not run.
+    reserved: ``reserved(t)`` = the run's other releases if it stops after round t (analytics, selection:
+        :func:`planned_pure_releases`), counted against ``target_epsilon`` before round t, so that the
+        budget covers the whole run even when the noise is fixed (privacy.noise_multiplier).
     """
 
     noise_multipliers: list[float]
@@ -44,6 +48,7 @@ class NoisePlan:
     calibrated: bool
     delta_rule: str
     caveats: list[str] = field(default_factory=list)
+    reserved: Callable[[int], PrivacyLedger] | None = None
 
     def record_round(self, ledger: PrivacyLedger, noise_multiplier: float) -> None:
         """Record one round's release (the noised sum, and under adaptive clipping the noised count)."""
@@ -200,21 +205,24 @@ def make_noise_plan(rc: RunConfig) -> NoisePlan:
         multipliers = [p.noise_multiplier * v / rel[0] for v in rel]
         calibrated = False
     elif p.target_epsilon is not None:
+        def calibrated_to(target: float) -> list[float]:
+            return calibrate(shape, rc.num_rounds, q, rc.sampling, delta, target,
+                             population=population if rc.sampling == "fixed" else None, sample_size=sample_size,
+                             accountant=accountant).noise_multipliers()
+
         try:
-            sched = calibrate(
-                shape,
-                rc.num_rounds,
-                q,
-                rc.sampling,
-                delta,
-                p.target_epsilon,
-                population=population if rc.sampling == "fixed" else None,
-                sample_size=sample_size,
-                accountant=accountant,
-            )
+            pure = planned_pure_releases(rc)
+            if pure.num_releases:  # the budget covers the run: the training gets what the other releases leave
+                training_target = _training_share(rc, calibrated_to, pure, delta, accountant)
+                caveats.append(
+                    f"privacy.target_epsilon={p.target_epsilon:g} budgets the whole run: the training was calibrated to "
+                    f"epsilon {training_target:.4g} so that, composed with the planned pure releases "
+                    f"({', '.join(f'{r.label} x{r.count}' for r in pure.events)}), the run stays within it")
+                multipliers = calibrated_to(training_target)
+            else:
+                multipliers = calibrated_to(p.target_epsilon)
         except ValueError as exc:
             raise ConfigError(f"config key 'privacy.target_epsilon': {exc}") from None
-        multipliers = sched.noise_multipliers()
         calibrated = True
     else:
         raise ConfigError("config key 'privacy': central DP needs privacy.target_epsilon or privacy.noise_multiplier")
@@ -233,15 +241,84 @@ def make_noise_plan(rc: RunConfig) -> NoisePlan:
         calibrated=calibrated,
         delta_rule=delta_rule,
         caveats=caveats,
+        # the budget covers the whole run: the stop before each round counts these too
+        reserved=partial(planned_pure_releases, rc) if p.target_epsilon is not None else None,
     )
     if not calibrated and p.target_epsilon is not None and math.isfinite(p.target_epsilon):
         first = plan_epsilons(plan)[0]
+        if plan.reserved is not None and plan.reserved(1).num_releases:  # round 1 with what a 1-round run releases
+            trial = PrivacyLedger()
+            plan.record_round(trial, multipliers[0])
+            trial.extend(plan.reserved(1))
+            first = trial.epsilon(delta, accountant)
         if first > p.target_epsilon:  # the run would stop before its first round
             raise ConfigError(
                 f"config key 'privacy.target_epsilon': {p.target_epsilon:g} is spent before round 1: one round at "
                 f"noise_multiplier {multipliers[0]:g} already costs epsilon {first:.3g}; raise the noise or the budget"
             )
     return plan
+
+
+def planned_pure_releases(rc: RunConfig, rounds: int | None = None) -> PrivacyLedger:
+    """The pure (user-level) releases a central run plans besides training: analytics=central's label
+    histogram (L1 sensitivity 1) and validation releases (L1 sensitivity 2, one per due round), and a
+    noisy_max model selection (one, worst case). Their parameters mirror fedpriv.analytics / fedpriv.selection.
+    rounds: those of a run that stops after that round (its later validations never happen); None: all."""
+    ledger = PrivacyLedger()
+    an = rc.analytics
+    if an.mode == "central" and an.epsilon_label_histogram is not None:
+        ledger.record_laplace(1.0 / an.epsilon_label_histogram, label="label histogram")
+    due = (rc.num_rounds if rounds is None else min(rounds, rc.num_rounds)) // an.validation_every
+    if an.mode == "central" and an.epsilon_validation is not None and due:
+        ledger.record_laplace(1.0 / an.epsilon_validation, due, label="validation accuracy")
+    sel = getattr(rc, "selection", None)
+    if sel is not None and sel.method == "noisy_max" and sel.epsilon is not None:
+        ledger.record_pure_dp(sel.epsilon, label="model selection", mechanism="exponential")
+    return ledger
+
+
+def _training_share(rc: RunConfig, calibrated_to: Any, pure: PrivacyLedger, delta: float, accountant: str) -> float:
+    """The largest training target whose calibrated plan, composed with ``pure``, stays within the run's
+    privacy.target_epsilon (bisection on the training target; each step is one calibration: ~0.1 s with
+    PLD, ~1 s with RDP)."""
+    target = float(rc.privacy.target_epsilon)
+
+    def total(training_target: float) -> float:
+        ledger, kw = PrivacyLedger(), _kwargs_for(rc)
+        for z in calibrated_to(training_target):
+            ledger.record(z, **kw)
+        ledger.extend(pure)
+        return ledger.epsilon(delta, accountant)
+
+    alone = pure.epsilon(delta, accountant)
+    if alone >= target:
+        raise ValueError(f"the planned analytics / selection releases alone cost epsilon {alone:.4g} >= {target:g}: "
+                         "lower their epsilons or raise the budget")
+    lo, hi, best = 0.0, target, None
+    for _ in range(40):
+        mid = (lo + hi) / 2
+        try:
+            within = total(mid) <= target
+        except ValueError:  # so small a training target needs more noise than calibrate allows: go up
+            lo = mid
+            continue
+        if within:
+            lo = best = mid
+        else:
+            hi = mid
+        if best is not None and hi - lo <= 0.01 * target:  # within 1% of the best share, always within budget
+            break
+    if best is None:
+        raise ValueError(f"no training budget is left within {target:g} after the planned pure releases "
+                         f"(epsilon {alone:.4g} on their own)")
+    return best
+
+
+def _kwargs_for(rc: RunConfig) -> dict[str, Any]:
+    q = 1.0 if rc.sampling == "all" else rc.clients_per_round / rc.num_clients
+    fixed = rc.sampling == "fixed"
+    return {"sampling_rate": q, "sampling": rc.sampling, "population": rc.num_clients if fixed else None,
+            "sample_size": rc.clients_per_round if fixed else None}
 
 
 def plan_epsilons(plan: NoisePlan) -> list[float]:
