@@ -3,8 +3,8 @@
 Every figure comes from the measurements of the one benchmark run (``Measured``): the per-round wall
 time (median of rounds 2..N-1), round 1 from process start, and the CPU seconds of every process of
 each implementation's tree. A goal missed is printed with where the time went: how much CPU the
-workers and the driver burn per round against the floor's, and how much of the round nobody computes
-(the machine's cores idle while the engine waits), which is what the closing remarks act on.
+workers and the driver burn per round against the floor's (whole run / rounds: start-up included,
+so read them side by side, not as a round's own budget), which is what the closing remarks act on.
 """
 
 from __future__ import annotations
@@ -65,18 +65,20 @@ def print_goals(results: list, cores: int) -> None:
         if m is None:
             continue
         d, w, s = (per_round(m, x) for x in cpu_split(m))
-        idle = cores * m.median - (d + w + s) if math.isfinite(m.median) else float("nan")
         print(f"  {m.name:8s} driver {d:5.2f}  workers {w:5.2f}  Ray system {s:5.2f}  "
-              f"-> idle core-seconds per round ~{idle:5.2f} of {cores * m.median:5.2f}")
+              f"(the round's wall time on {cores} cores: {cores * m.median:5.2f} core-seconds)")
     if "floor" in missed and floor and fed:
         fd, fw, fs = (per_round(fed, x) for x in cpu_split(fed))
         _, lw, _ = (per_round(floor, x) for x in cpu_split(floor))
-        print(f"  fedpriv's workers burn {fw / lw:.2f}x the floor's worker CPU per round; the rest of the gap "
-              f"({fed.median - floor.median:.2f} s/round) is the driver ({fd:.2f} s CPU/round: accounting, "
-              "validation, checkpoint, publishing) and waiting: Flower's Grid polls for replies on a 0.1 s "
-              "quantum and a round waits for its slowest share. What would close it: a driver that overlaps "
-              "the next round's dispatch with the checkpoint/publish of the last, and replies pushed rather than "
-              "polled (a Flower Grid change), or shares sized to the workers' speed.")
+        fl_d = per_round(floor, cpu_split(floor)[0])
+        print(f"  gap {fed.median - floor.median:.2f} s/round: fedpriv's workers burn {fw / lw:.2f}x the floor's "
+              f"worker CPU (Flower messages: the global model encoded, sent and decoded per share, the reply's "
+              f"arrays and records), and its driver {fd:.2f} CPU-s a round against the floor's {fl_d:.2f} "
+              "(reply validation, the accountant's epsilon, a durable checkpoint of the model, metrics), "
+              "taken from the same 2 cores as the workers. What would close it: the driver's checkpoint and "
+              "publishing overlapped with the next round's training (a writer thread), the accountant's "
+              "epsilon composed incrementally, and the model shipped to a worker once per round as shared "
+              "memory (Ray's object store) instead of in each message.")
     if "round1" in missed and fed:
         print("  round 1 = Hydra + imports + preflight in the launcher (~5 s on 2 cores), then Ray's start and each "
               "worker importing torch/Flower and loading its data. What would close it: a warm worker pool "
