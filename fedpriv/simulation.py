@@ -32,8 +32,6 @@ from typing import Any
 
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
-from flwr.simulation import run_simulation as flower_run_simulation
-from flwr.simulation.ray_transport.ray_actor import pool_size_from_resources
 
 from fedpriv import proctree, run_folder
 from fedpriv.callbacks import Callback
@@ -271,6 +269,11 @@ def _server_app(rc: RunConfig, stop: threading.Event, guard: WorkerGuard) -> Ser
 def run_simulation(rc: RunConfig) -> dict[str, Any]:
     """Run ``rc`` on Flower's simulation engine; returns the summary the run wrote (its
     ``stop_reason`` is "interrupted" after Ctrl-C)."""
+    # Flower's simulation imports Ray (0.6 s): loaded when a simulation runs, not by every launcher
+    # that only validates (a refused configuration exits before it).
+    from flwr.simulation import run_simulation as flower_run_simulation
+    from flwr.simulation.ray_transport.ray_actor import pool_size_from_resources
+
     check_placement(rc.placement)
     assert rc.run_dir is not None
     run_dir = Path(rc.run_dir)

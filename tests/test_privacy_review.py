@@ -66,11 +66,11 @@ def joint_delta(eps: float, sigma: float, b: float, q: float) -> float:
 
 def test_the_closed_form_reduces_to_dp_accountings_mechanisms_in_its_limits():
     """q = 1: the plain composition Gaussian x Laplace; b -> inf: the Poisson-sampled Gaussian alone."""
+    both = pld_lib.from_gaussian_mechanism(1.5, value_discretization_interval=1e-5).compose(
+        pld_lib.from_laplace_mechanism(2.0, value_discretization_interval=1e-5))
+    sampled = pld_lib.from_gaussian_mechanism(1.0, sampling_prob=0.1, value_discretization_interval=1e-5)
     for eps in (0.3, 1.0, 2.0):
-        both = pld_lib.from_gaussian_mechanism(1.5, value_discretization_interval=1e-5).compose(
-            pld_lib.from_laplace_mechanism(2.0, value_discretization_interval=1e-5))
         assert joint_delta(eps, 1.5, 2.0, 1.0) == pytest.approx(both.get_delta_for_epsilon(eps), rel=1e-3, abs=1e-9)
-        sampled = pld_lib.from_gaussian_mechanism(1.0, sampling_prob=0.1, value_discretization_interval=1e-5)
         assert joint_delta(eps, 1.0, 1e9, 0.1) == pytest.approx(sampled.get_delta_for_epsilon(eps), rel=1e-3, abs=1e-9)
 
 

@@ -33,9 +33,6 @@ from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
-import opendp.prelude as dp
-
-dp.enable_features("contrib")  # make_noisy_max is in OpenDP's contrib set
 
 __all__ = ["Selection", "temperature_factor", "gumbel_scale", "epsilon_of_scale", "zcdp_rho",
            "selection_probabilities", "gumbel_noisy_max", "report_noisy_max"]
@@ -93,12 +90,15 @@ def gumbel_scale(epsilon: float, sensitivity: float, monotone: bool) -> float:
     return temperature_factor(monotone) * sensitivity / epsilon
 
 
-def gumbel_noisy_max(scale: float, monotone: bool) -> dp.Measurement:
+def gumbel_noisy_max(scale: float, monotone: bool):
     """OpenDP's report-noisy-max with Gumbel noise of ``scale``: a callable, scores -> winning index.
 
     monotone: declares the scores' neighbouring changes monotone (OpenDP's ``monotonic`` L-inf
     metric), which halves the privacy map. Call it many times to draw many selections.
     """
+    import opendp.prelude as dp  # heavy (0.4 s, it loads its sklearn extras): only when a selection runs
+
+    dp.enable_features("contrib")  # make_noisy_max is in OpenDP's contrib set
     space = dp.vector_domain(dp.atom_domain(T=float, nan=False)), dp.linf_distance(T=float, monotonic=monotone)
     return dp.m.make_noisy_max(*space, dp.zero_concentrated_divergence(), scale=float(scale))
 
