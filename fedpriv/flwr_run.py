@@ -50,6 +50,7 @@ from fedpriv.deploy.processes import (
     free_ports,
     install_signal_handlers,
     signal_group,
+    stop_group,
 )
 from fedpriv.errors import UserError
 from fedpriv.flwr_app import federation_config
@@ -158,13 +159,7 @@ def flwr_run(link: LocalSuperLink, overrides: list[str], fed_config: str, timeou
     finally:
         if timer is not None:
             timer.cancel()
-        if proc.poll() is None:
-            signal_group(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                signal_group(proc.pid, signal.SIGKILL)
-                proc.wait()
+        stop_group(proc)
 
 
 def main(argv: Sequence[str]) -> int:

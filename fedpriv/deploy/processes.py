@@ -165,6 +165,18 @@ def _signal_pid(pid: int, sig: int) -> None:
         pass
 
 
+def stop_group(proc: subprocess.Popen, grace: float = 10.0) -> None:
+    """End the process group ``proc`` leads, if still running: SIGTERM, then SIGKILL after ``grace`` s."""
+    if proc.poll() is not None:
+        return
+    signal_group(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        signal_group(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
 def signal_group(pid: int, sig: int, only_if_leader: bool = False) -> None:
     """Send ``sig`` to the process group ``pid`` leads (never to our own group)."""
     st = proc_stat(pid)

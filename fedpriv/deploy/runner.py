@@ -19,7 +19,7 @@ from fedpriv.deploy.diagnosis import diagnose, read_log
 from fedpriv.deploy.faults import Fault, schedule_kill
 from fedpriv.deploy.federation import Federation, flower_bin
 from fedpriv.deploy.overrides import check_overrides, deployment_overrides, run_config_args
-from fedpriv.deploy.processes import Processes, signal_group
+from fedpriv.deploy.processes import Processes, signal_group, stop_group
 
 
 @dataclass
@@ -117,13 +117,8 @@ def run_app(
         stop_watch.set()
         if timer is not None:
             timer.cancel()
-        if proc is not None and proc.poll() is None:
-            signal_group(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                signal_group(proc.pid, signal.SIGKILL)
-                proc.wait()
+        if proc is not None:
+            stop_group(proc)
 
     if result.run_id is not None:
         result.status = _run_status(fed, result.run_id)
