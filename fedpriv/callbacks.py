@@ -4,6 +4,8 @@ The app calls them in this order (after ``federation.RunSummary``, which only fi
 which is part of the privacy contract:
 
 1. :class:`CentralEvaluation` -- the released model on the server's test split;
+   (then, built by :mod:`fedpriv.federation` when asked: :class:`fedpriv.analytics.FederatedAnalytics`,
+   the round's noisy validation figure, and :class:`fedpriv.selection.ModelSelection`, the candidates);
 2. :class:`LocalPrivacy` -- clients' own DP-SGD reports into the server's table;
 3. :class:`Disclosure` -- stamps the round's time, splits the record into what may be published and
    what is for the operator (:mod:`fedpriv.privacy.disclosure`), and at the end writes

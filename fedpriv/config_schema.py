@@ -254,7 +254,7 @@ class AnalyticsConfig:
 @dataclass
 class SelectionConfig:
     """Which round's global model is shipped as model.pt (fedpriv.selection); the candidates are the
-    models the federated analytics validated (analytics=central with epsilon_validation set)."""
+    models the federated analytics validated (analytics=central or local, with epsilon_validation set)."""
 
     # last: the last model (nothing to account) | noisy_max: the exponential mechanism over the RAW
     # validation sums (trusted server; costs epsilon) | released_argmax: the best RELEASED (noisy)

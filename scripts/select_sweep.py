@@ -1,4 +1,4 @@
-"""Tune on private data with one honest epsilon: plan a random-length sweep, run it, release the best run.
+r"""Tune on private data with one honest epsilon: plan a random-length sweep, run it, release the best run.
 
 Papernot & Steinke 2022 (repeat-and-select; see fedpriv/privacy/sweep_selection.py for the protocol
 and its accounting). Three steps, in this order:
