@@ -303,7 +303,7 @@ class FederatedAnalytics:
         section = {
             "unit": "example (zero-out), each client's own ledger: the same unit and ledger as its DP-SGD",
             "mechanism": "Laplace (pure DP), added by each client to its own figures before they leave it",
-            "noise": LaplaceMechanism(secure=self.rc.privacy.secure_rng).words(),
+            "noise": self.mechanism.words(),  # the clients' sampler: the same secure_rng choice
             "contribution_bounds": {
                 HISTOGRAM_LABEL: "a client's label counts: one example moves them by 1 in L1",
                 VALIDATION_LABEL: "a client's number of correct predictions on its held-out rows: one example moves it "

@@ -148,10 +148,13 @@ def flwr_run(link: LocalSuperLink, overrides: list[str], fed_config: str, timeou
         timer.start()
     try:
         assert proc.stdout is not None
+        seen = 0.0
         for line in proc.stdout:
             if "httpx" not in line:
                 print(line, end="", flush=True)
-            link.owner.record_descendants()
+            if time.monotonic() - seen >= 1.0:  # a /proc scan: once a second, not per log line (Ray logs a lot)
+                link.owner.record_descendants()
+                seen = time.monotonic()
         code = proc.wait()
         if timed_out.is_set():
             raise UserError(f"flwr run: the run took longer than {timeout:.0f} s")

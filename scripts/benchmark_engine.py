@@ -52,6 +52,7 @@ sys.path.insert(0, str(HERE))
 from bench_engine_common import Workload, num_parameters
 from bench_engine_goals import print_goals
 
+from fedpriv import proctree
 from fedpriv.proctree import pss_kib, rss_kib, subtree
 from fedpriv.run_folder import DIAGNOSTICS, read_jsonl, read_summary
 
@@ -110,12 +111,7 @@ class Measured:
 
 def cpu_ticks(pid: int) -> int:
     """utime + stime of one process, in clock ticks (0 if it is gone)."""
-    try:
-        text = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return 0
-    rest = text[text.rfind(")") + 2 :].split()
-    return int(rest[11]) + int(rest[12])
+    return proctree.cpu_ticks(pid) or 0
 
 
 def process_name(pid: int, root: int) -> str | None:

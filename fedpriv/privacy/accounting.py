@@ -134,8 +134,8 @@ def _quiet_dp_accounting():
         logger.removeFilter(f)
 
 
-def _dp_event(r: DpRelease, relation: str) -> dp_event.DpEvent:
-    """One release (count 1) as a dp-accounting event (Gaussian or Laplace)."""
+def release_dp_event(r: DpRelease, relation: str) -> dp_event.DpEvent:
+    """One Gaussian or Laplace release (count 1) as a dp-accounting event under ``relation``."""
     if r.kind == "laplace":
         return dp_event.LaplaceDpEvent(_effective_noise(r, relation))
     gaussian = dp_event.GaussianDpEvent(_effective_noise(r, relation))
@@ -158,7 +158,7 @@ def _event_rdp(release: DpRelease, relation: str, orders: tuple[float, ...]) -> 
         event = dp_event.RandomizedResponseDpEvent(_rr_noise_parameter(eps), 2)
     else:
         acc = rdp_lib.RdpAccountant(orders=list(orders), neighboring_relation=_RELATIONS[relation])
-        event = _dp_event(release, relation)
+        event = release_dp_event(release, relation)
     with _quiet_dp_accounting():
         acc.compose(event)
     return np.array(acc.rdp, dtype=np.float64)

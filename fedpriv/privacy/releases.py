@@ -187,9 +187,7 @@ def make_release(noise_multiplier: float, sampling_rate: float, sampling: str,
         raise ValueError(f"noise_multiplier must be >= 0, got {noise_multiplier!r}")
     if math.isinf(z):
         raise ValueError("noise_multiplier=inf releases nothing: do not record it")
-    if isinstance(count, bool) or int(count) != count or count < 1:
-        raise ValueError(f"count must be a positive integer, got {count!r}")
-    count = int(count)
+    count = _check_count(count)
     q = float(sampling_rate)
     if not 0.0 <= q <= 1.0:
         raise ValueError(f"sampling_rate must be in [0, 1], got {sampling_rate!r}")

@@ -49,7 +49,7 @@ from fedpriv.config_schema import selector_key
 from fedpriv.errors import ConfigError, DataError
 from fedpriv.run_folder import CONFIG, PRIVACY, SUMMARY, read_metrics
 
-from .accounting import RDP_ORDERS, _quiet_dp_accounting  # absl's per-order notes, as the ledger hides them
+from .accounting import RDP_ORDERS, _quiet_dp_accounting, release_dp_event  # (absl's notes hidden as the ledger does)
 from .releases import REPLACE_ONE, DpRelease, release_from_dict
 from .selection import MECHANISM as EXPONENTIAL_MECHANISM
 
@@ -67,18 +67,10 @@ _RELATIONS = {"add_or_remove_one": NeighboringRelation.ADD_OR_REMOVE_ONE,
 
 def release_event(r: DpRelease, relation: str) -> dp_event.DpEvent:
     """One release (count 1) as a dp-accounting event for the RDP accountant under ``relation``."""
-    halve = relation == REPLACE_ONE  # replace-one moves a sum by twice one unit's bound
-    if r.kind == "gaussian":
-        gaussian = dp_event.GaussianDpEvent(r.noise_multiplier / 2 if halve else r.noise_multiplier)
-        if r.sampling == "poisson":
-            return dp_event.PoissonSampledDpEvent(r.sampling_rate, gaussian)
-        if r.sampling == "fixed":
-            return dp_event.SampledWithoutReplacementDpEvent(r.population, r.sample_size, gaussian)
-        return gaussian
-    if r.kind == "laplace":
-        return dp_event.LaplaceDpEvent(r.noise_multiplier / 2 if halve else r.noise_multiplier)
-    if r.kind == "pure":
-        eps = r.standalone_epsilon(halve)
+    if r.kind in ("gaussian", "laplace"):  # the ledger's own events (replace-one halves the noise)
+        return release_dp_event(r, relation)
+    if r.kind == "pure":  # as zCDP here: the RDP accountant takes randomized response under replace-one only
+        eps = r.standalone_epsilon(relation == REPLACE_ONE)
         return dp_event.ZCDpEvent(eps * eps / (8.0 if r.mechanism == EXPONENTIAL_MECHANISM else 2.0))
     raise DataError(f"privacy.json: a release of unknown kind {r.kind!r}")
 
