@@ -41,7 +41,8 @@ from fedpriv.config_schema import (
 from fedpriv.data import DATASETS, SCHEMES
 from fedpriv.errors import ConfigError
 from fedpriv.models import MODEL_NAMES
-from fedpriv.privacy.releases import SAMPLINGS
+from fedpriv.sampling import SCHEMES as SAMPLINGS
+from fedpriv.sampling import default_cyclic_groups
 
 __all__ = [
     "ConfigError", "RunConfig", "parse_config", "check_config", "to_dict", "from_dict", "allowed_keys",
@@ -192,6 +193,7 @@ def check_config(rc: RunConfig, explicit: set[str] | None = None) -> None:
         "privacy.noise_cohort_size",
         f"must be >= 1, got {pr.noise_cohort_size}",
     )
+    _check_participation(rc)
     lo = pr.local
     _one_of(lo.grad_sample_mode, ("auto", *GRAD_SAMPLE_MODES), "privacy.local.grad_sample_mode")
     _one_of(lo.clipping, ("flat", "per_layer"), "privacy.local.clipping")
@@ -331,6 +333,34 @@ def _check_read(node: Any, path: str, explicit: set[str] | None) -> None:
                                   f"ignored); allowed only with {' or '.join(_option(node, path, selector, r) for r in readers)}")
         elif dataclasses.is_dataclass(value):
             _check_read(value, f"{path}{f.name}.", explicit)
+
+
+def _check_participation(rc: RunConfig) -> None:
+    """Cyclic sampling and the correlated-noise mechanisms: what their accounting assumes must be what runs."""
+    pr, central = rc.privacy, rc.privacy.mode in ("central", "central_local")
+    _one_of(pr.mechanism, ("gaussian", "tree", "bandmf"), "privacy.mechanism")
+    if rc.sampling == "cyclic":
+        _require(rc.cyclic_groups is None or rc.cyclic_groups >= 1, "cyclic_groups", f"must be >= 1, got {rc.cyclic_groups}")
+        groups = rc.cyclic_groups or default_cyclic_groups(rc.num_clients, rc.clients_per_round)
+        _require(rc.clients_per_round * groups <= rc.num_clients, "cyclic_groups",
+                 f"{groups} groups of about {rc.num_clients // groups} clients cannot give cohorts of "
+                 f"{rc.clients_per_round}: at most {rc.num_clients // rc.clients_per_round} groups")
+        _require(not central or rc.schedule.name == "constant", "schedule.name",
+                 f"sampling=cyclic is accounted once per cycle of {groups} rounds: it needs schedule=constant, "
+                 f"got {rc.schedule.name}")
+    if not central or pr.mechanism == "gaussian":
+        return
+    mechanism = f"privacy.mechanism={pr.mechanism}"
+    _require(rc.sampling == "cyclic", "sampling",
+             f"{mechanism} needs sampling=cyclic (each client at most once every cyclic_groups rounds, what its "
+             f"accounting assumes), got {rc.sampling}")
+    _require(pr.clipping == "fixed", "privacy.clipping", f"{mechanism} needs privacy.clipping=fixed (adaptive "
+             "clipping's noised count is not part of its correlated release)")
+    if pr.mechanism == "bandmf":
+        groups = rc.cyclic_groups or default_cyclic_groups(rc.num_clients, rc.clients_per_round)
+        _require(pr.bands is None or 1 <= pr.bands <= groups, "privacy.bands",
+                 f"must be in [1, cyclic_groups={groups}] (participations {groups} rounds apart must not share a "
+                 f"band), got {pr.bands}")
 
 
 def to_dict(rc: RunConfig) -> dict[str, Any]:

@@ -153,6 +153,15 @@ class PrivacyConfig:
     noise_sampler: str = read_if("mode", *_CENTRAL, default="numpy")
     # Calibrate the noise for a larger cohort than simulated (pfl-research style).
     noise_cohort_size: Optional[int] = read_if("mode", *_CENTRAL, default=None)
+    # How the server's noise relates across rounds (fedpriv/privacy/correlated.py):
+    #   gaussian: independent noise each round (DP-FedAvg), any sampling;
+    #   tree: DP-FTRL's tree aggregation (Kairouz et al. 2021), no amplification assumed: needs
+    #     sampling=cyclic (each client at most once per tree; the tree restarts every cyclic_groups rounds);
+    #   bandmf: banded matrix factorization (Choquette-Choo et al. 2023), needs sampling=cyclic with
+    #     cyclic_groups >= bands; amplified by the sampling within each group.
+    # tree and bandmf need clipping=fixed and schedule=constant.
+    mechanism: str = read_if("mode", *_CENTRAL, default="gaussian")
+    bands: Optional[int] = read_if("mechanism", "bandmf", default=None)  # None: cyclic_groups (the most allowed)
     accountant: str = read_if("mode", *_DP, default="pld")  # pld (reported; tight) | rdp: the run's ledger and every client's
     local: LocalPrivacyConfig = read_if("mode", *_LOCAL, default_factory=LocalPrivacyConfig)
 
@@ -270,7 +279,11 @@ class RunConfig:
     num_clients: int = 20
     clients_per_round: int = 10  # expected cohort; each client joins a round with q = clients_per_round / num_clients
     num_rounds: int = 15
-    sampling: str = "poisson"  # poisson | fixed | all: must match what the privacy accountant assumes
+    sampling: str = "poisson"  # poisson | fixed | all | cyclic: must match what the privacy accountant assumes
+    # cyclic: client i belongs to group i mod G; round t samples only group (t-1) mod G, each member with
+    # probability min(1, clients_per_round * G / num_clients). None: num_clients // clients_per_round groups
+    # (each client exactly once every G rounds). BandMF needs G >= privacy.bands; DP-FTRL restarts its tree every G.
+    cyclic_groups: Optional[int] = read_if("sampling", "cyclic", default=None)
     client_mode: str = "virtual"  # virtual (simulation: any node acts for any client) | nodes (one node = one client)
     round_timeout: float = 300.0  # seconds to wait for a round's replies; a slower client counts as dropped
     resume: bool = False  # continue the run in run_dir from its last checkpoint

@@ -125,11 +125,11 @@ class Population:
         message per client (a SuperNode is one client)."""
         return self.rc.client_mode == "virtual"
 
-    def sample(self) -> list[int]:
+    def sample(self, server_round: int) -> list[int]:
         if self.rc.client_mode == "nodes":
             self.nodes = sorted(self.grid.get_node_ids()) or self.nodes
-            return [int(i) for i in self.sampler.sample() if i < len(self.nodes)]
-        return [int(i) for i in self.sampler.sample()]
+            return [int(i) for i in self.sampler.sample(server_round) if i < len(self.nodes)]
+        return [int(i) for i in self.sampler.sample(server_round)]
 
     def messages(self, cohort: list[int], server_round: int, arrays: ArrayRecord,
                  config: dict[str, Any]) -> list[tuple[Message, int]]:
@@ -235,7 +235,7 @@ def run_rounds(state: RunState, population: Population, aggregator: Aggregator, 
             break
         if population.uses_shares:
             extra = aggregator.share_config(rnd)
-        cohort = population.sample()
+        cohort = population.sample(rnd)
         messages = population.messages(cohort, rnd, state.arrays, {**client_config, **extra})
         try:
             replies, missing = population.dispatch(messages)

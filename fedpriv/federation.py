@@ -77,7 +77,7 @@ def run_federation(grid: Grid, rc: RunConfig, extra_callbacks: list[Callback] = 
 
     aggregator = build_aggregator(rc)
     monitor = LocalPrivacyMonitor(rc)  # clients' own DP-SGD ledgers (privacy local / central_local)
-    sampler = ClientSampler(rc.sampling, rc.num_clients, rc.clients_per_round, sampler_seed(rc))
+    sampler = ClientSampler(rc.sampling, rc.num_clients, rc.clients_per_round, sampler_seed(rc), rc.cyclic_groups)
     # Federated analytics (Laplace): its own ledger, joined to the run's total in privacy.json.
     analytics = FederatedAnalytics(rc, dataset_for(rc).num_classes) if rc.analytics.mode != "none" else None
     evaluation = CentralEvaluation(rc)

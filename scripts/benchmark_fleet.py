@@ -101,12 +101,12 @@ def clients_compute(args: argparse.Namespace, run_dir: Path, rounds: list[int]) 
     rc = compose_config([o for o in overrides(args, run_dir) if not o.startswith("hydra.")] +
                         [f"run_dir={run_dir.parent / 'replay'}"])
     workers = num_simulated_nodes(rc)
-    sampler = ClientSampler(rc.sampling, rc.num_clients, rc.clients_per_round, sampler_seed(rc))
+    sampler = ClientSampler(rc.sampling, rc.num_clients, rc.clients_per_round, sampler_seed(rc), rc.cyclic_groups)
     arrays = ArrayRecord(new_model(rc).state_dict())
     store = ClientStateStore(run_dir.parent / "replay_state")
     out = []
     for rnd in range(1, max(rounds) + 1):
-        cohort = [int(c) for c in sampler.sample()]  # the same draws as the run's sampler, round by round
+        cohort = [int(c) for c in sampler.sample(rnd)]  # the same draws as the run's sampler, round by round
         if rnd not in rounds:
             if rnd == 1:  # warm-up, untimed (first calls into torch), as round 1 of the run
                 cfg = ConfigRecord({"share": "clipped-sum", "clip-norm": 1.0, "client-ids": cohort, "server-round": 1})

@@ -114,6 +114,8 @@ class CanaryAudit:
         self.confidence = float(confidence)
         self.noise_scale = float(noise_scale)
         self.plan = plan
+        # sampling=cyclic: canary i belongs to group i mod G, as client i does, and joins only its group's rounds
+        self.cycle = int(getattr(plan, "cycle", 1) or 1) if sampling == "cyclic" else 1
         self.cache_bytes = cache_bytes
         self.inserted = np.random.default_rng([self.seed, 1]).random(self.count) < 0.5
         self._rng = np.random.default_rng([self.seed, 2])  # who of the inserted canaries joins a round
@@ -145,7 +147,7 @@ class CanaryAudit:
     @property
     def expected_per_round(self) -> float:
         """Expected canaries in a round's cohort (added to the denominator E[m])."""
-        return self.q * self.num_inserted
+        return self.q * self.num_inserted / self.cycle
 
     @property
     def dim(self) -> int | None:
@@ -182,7 +184,9 @@ class CanaryAudit:
         self._set_layout(total)
         assert self.directions is not None
         ins = np.flatnonzero(self.inserted)
-        joined = ins if self.sampling == "all" else ins[self._rng.random(ins.size) < self.q]
+        if self.sampling == "cyclic":
+            ins = ins[ins % self.cycle == (server_round - 1) % self.cycle]
+        joined = ins if self.sampling == "all" or self.q >= 1 else ins[self._rng.random(ins.size) < self.q]
         self.participations[joined] += 1
         if joined.size == 0:
             return total, 0

@@ -38,8 +38,8 @@ def noise_drawn_epsilon(audit: CanaryAudit, delta: float) -> float:
     if min(zs) <= 0:
         return math.inf
     ledger = PrivacyLedger()
-    for z in zs:
-        audit.plan.record_round(ledger, z)
+    for server_round, z in enumerate(zs, start=1):
+        audit.plan.record_round(ledger, z, server_round)
     return float(ledger.epsilon(delta, audit.plan.accountant))
 
 

@@ -30,6 +30,7 @@ import numpy as np
 from fedpriv import updates
 from fedpriv.updates import Arrays
 
+from .correlated import make_noise
 from .ledger import PrivacyLedger
 from .noise import update_noise_for_total
 from .noise_samplers import GaussianSampler, make_gaussian_sampler
@@ -109,6 +110,9 @@ class CentralGaussianMechanism:
         self._sampler = make_gaussian_sampler(noise_sampler) if secure_rng else None
         self._planned = plan_epsilons(plan)
         self._round_clip_norm: float | None = None
+        # tree / bandmf: the noise stream correlated across rounds (None: independent noise each round)
+        self.noise_stream = make_noise(plan.mechanism, bands=plan.bands, epoch=plan.cycle)
+        self.rounds = 0  # rounds released so far
 
     # -- before a round ---------------------------------------------------------------------------
     def noise_multiplier(self, server_round: int) -> float:
@@ -121,7 +125,7 @@ class CentralGaussianMechanism:
             return f"the privacy plan covers {len(self.plan.noise_multipliers)} rounds"
         if self.plan.target_epsilon is not None:
             trial = self.ledger.copy()
-            self.plan.record_round(trial, self.noise_multiplier(server_round))
+            self.plan.record_round(trial, self.noise_multiplier(server_round), server_round)
             # what the run releases besides training if it stops after this round (analytics, selection)
             others = self.plan.reserved(server_round) if self.plan.reserved is not None else None
             if others is not None:
@@ -198,7 +202,12 @@ class CentralGaussianMechanism:
         noise_std_sum = z_update * clip_norm * self.noise_scale
         signal_norm = updates.l2_norm(total) / denom
         sampler = self._noise_source(server_round)
-        noised_mean = {k: sampler.add_noise(v, noise_std_sum) / denom for k, v in total.items()}
+        if self.noise_stream is None:
+            noised_mean = {k: sampler.add_noise(v, noise_std_sum) / denom for k, v in total.items()}
+        else:  # this round's share of the correlated noise, built from fresh draws of std z * C
+            noise = self.noise_stream.next(server_round, lambda: {
+                k: sampler.add_noise(np.zeros(v.shape, dtype=np.float64), noise_std_sum) for k, v in total.items()})
+            noised_mean = {k: (v + noise[k]) / denom for k, v in total.items()}
 
         noisy_unclipped = None
         if self.clipping.adaptive:
@@ -207,7 +216,8 @@ class CentralGaussianMechanism:
             centred_sum = np.array([float(np.sum(np.asarray(bits) - 0.5))])
             centred = float(sampler.add_noise(centred_sum, self.clipping.count_stddev)[0])
             noisy_unclipped = centred / denom + 0.5
-        self.plan.record_round(self.ledger, z_total)
+        self.plan.record_round(self.ledger, z_total, server_round)
+        self.rounds = server_round
         if noisy_unclipped is not None:
             self.clipping.update(noisy_unclipped)
 
@@ -252,21 +262,39 @@ class CentralGaussianMechanism:
 
     # -- persistence and reporting ----------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
+        """What a resumed run needs. Under tree / bandmf it holds the correlated noise already drawn, which
+        would let a reader remove the noise from released updates: it goes only into the operator's
+        checkpoint, and not into the last planned round's (nothing can follow it)."""
+        finished = self.rounds >= len(self.plan.noise_multipliers)
         return {
             "ledger": self.ledger.state_dict(),
             "clip_norm": self.clipping.norm,
             "audit": self.hook.state_dict() if self.hook is not None else None,
+            "rounds": self.rounds,
+            "noise_stream": None if self.noise_stream is None or finished else self.noise_stream.state_dict(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.ledger = PrivacyLedger.from_state_dict(state["ledger"])
         self.clipping.norm = float(state["clip_norm"])
+        self.rounds = int(state.get("rounds", self.ledger.num_releases))
+        if self.noise_stream is not None and self.rounds:
+            if state.get("noise_stream") is None:
+                raise ValueError(f"the checkpoint after round {self.rounds} holds no correlated noise state "
+                                 f"({self.plan.mechanism}): the run cannot continue its noise")
+            self.noise_stream.load_state_dict(state["noise_stream"])
         if self.hook is not None and state.get("audit") is not None:
             self.hook.load_state_dict(state["audit"])
 
     def report(self, clip_on: str) -> dict[str, Any]:
         """privacy.json's central part: the guarantee, the figures, the events, the randomness."""
-        report = self.plan.report(self.ledger, clipping=self.clipping, clip_on=clip_on, secure_rng=self.secure_rng)
+        report = self.plan.report(self.ledger, rounds=self.rounds, clipping=self.clipping, clip_on=clip_on,
+                                  secure_rng=self.secure_rng)
+        if self.noise_stream is not None:
+            report["caveats"].append(
+                f"{self.plan.mechanism}: the noise is correlated across rounds; while the run is unfinished, checkpoint.pt "
+                "(operator-only) holds the noise already drawn, which removes the noise from released updates: keep it "
+                "as secret as the clients' data (the last round's checkpoint drops it)")
         report["randomness"] = randomness_words(self.noise_sampler, self.secure_rng)
         if self.noise_sampler == "opendp":
             report["caveats"].append(

@@ -22,6 +22,7 @@ from functools import lru_cache
 from typing import Any
 
 from fedpriv.config import ConfigError, RunConfig
+from fedpriv.sampling import participation
 
 from . import schedules
 from .ledger import PrivacyLedger
@@ -81,8 +82,7 @@ def planned_participations(rc: RunConfig) -> int:
         if lo.expected_rounds < 1:
             raise ConfigError(f"config key 'privacy.local.expected_rounds': must be >= 1, got {lo.expected_rounds}")
         return int(lo.expected_rounds)
-    t = rc.num_rounds
-    p = 1.0 if rc.sampling == "all" else min(1.0, rc.clients_per_round / rc.num_clients)
+    t, p = participation(rc.sampling, rc.num_clients, rc.clients_per_round, rc.num_rounds, rc.cyclic_groups)
     return max(1, min(t, math.ceil(t * p + 2 * math.sqrt(t * p * (1 - p)) - 1e-9)))
 
 
@@ -102,7 +102,7 @@ def planned_validations(rc: RunConfig) -> int:
     if an.mode != "local" or an.epsilon_validation is None:
         return 0
     due = rc.num_rounds // an.validation_every
-    p = 1.0 if rc.sampling == "all" else min(1.0, rc.clients_per_round / rc.num_clients)
+    _, p = participation(rc.sampling, rc.num_clients, rc.clients_per_round, rc.num_rounds, rc.cyclic_groups)
     likely = math.ceil(due * p + 2 * math.sqrt(due * p * (1 - p)) - 1e-9)
     return max(0, min(due, likely, planned_participations(rc)))
 

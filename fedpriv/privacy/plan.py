@@ -13,7 +13,9 @@ from functools import partial
 from typing import Any, Callable
 
 from fedpriv.config import ConfigError, RunConfig
+from fedpriv.sampling import cyclic_rate, default_cyclic_groups
 
+from . import cycles
 from .budget import check_delta, default_delta
 from .ledger import PrivacyLedger
 from .schedules import NoiseSchedule, Phases, Shape, calibrate, constant, cosine, linear, phases, planned_epsilons, step
@@ -49,9 +51,16 @@ class NoisePlan:
     delta_rule: str
     caveats: list[str] = field(default_factory=list)
     reserved: Callable[[int], PrivacyLedger] | None = None
+    mechanism: str = "gaussian"  # gaussian | tree | bandmf (fedpriv.privacy.correlated)
+    cycle: int = 1  # sampling=cyclic: the number of groups G (rounds between two of a client's chances)
+    bands: int = 1  # bandmf: the strategy matrix's bands (<= cycle)
 
-    def record_round(self, ledger: PrivacyLedger, noise_multiplier: float) -> None:
-        """Record one round's release (the noised sum, and under adaptive clipping the noised count)."""
+    def record_round(self, ledger: PrivacyLedger, noise_multiplier: float, server_round: int) -> None:
+        """Record round ``server_round``'s release (the noised sum, and under adaptive clipping the noised
+        count); under cyclic sampling only the rounds that cost anything record (fedpriv.privacy.cycles)."""
+        if self.sampling == "cyclic":
+            cycles.record(ledger, self.mechanism, self.cycle, self.sampling_rate, noise_multiplier, server_round)
+            return
         ledger.record(
             noise_multiplier,
             self.sampling_rate,
@@ -69,11 +78,11 @@ class NoisePlan:
             "sample_size": self.sample_size if self.sampling == "fixed" else None,
         }
 
-    def report(self, ledger: PrivacyLedger, *, clipping: Any, clip_on: str, secure_rng: bool) -> dict[str, Any]:
+    def report(self, ledger: PrivacyLedger, *, rounds: int, clipping: Any, clip_on: str,
+               secure_rng: bool) -> dict[str, Any]:
         """privacy.json: the guarantee in words, the figures, the ledger's events, the caveats."""
-        rounds = ledger.num_releases
-        eps = ledger.epsilon(self.delta, self.accountant) if rounds else 0.0
-        cross = ledger.epsilon_report(self.delta) if rounds else {}
+        eps = ledger.epsilon(self.delta, self.accountant) if ledger.num_releases else 0.0
+        cross = ledger.epsilon_report(self.delta) if ledger.num_releases else {}
         caveats = list(self.caveats) + list(ledger.caveats)
         if not secure_rng:
             caveats.append("NOT FOR RELEASE: noise drawn from a seeded, reproducible generator (privacy.secure_rng=false)")
@@ -84,7 +93,7 @@ class NoisePlan:
             f"(the sequence of noised model updates{' and noised clipped-counts' if clipping.adaptive else ''}, hence the "
             f"final model) by at most (epsilon={eps:.4g}, delta={self.delta:.3g}). It assumes {self._sampling_words()}, "
             f"each client's update clipped to L2 norm {'following the adaptive norm' if clipping.adaptive else clipping.norm} "
-            f"(clipped on the {clip_on}), Gaussian noise added by a trusted server, and the ledger's {self.accountant.upper()} "
+            f"(clipped on the {clip_on}), {self._noise_words()}, and the ledger's {self.accountant.upper()} "
             "accountant. It does not protect against a server that deviates from this code, and it says nothing about a "
             "single example's privacy beyond that of its client. What the run published is listed under 'outputs'; "
             "figures not covered by this guarantee went only to the operator (operator_only/)."
@@ -114,6 +123,7 @@ class NoisePlan:
                 "sample_size": self.sample_size,
                 "noise_denominator": self.denominator,
             },
+            "mechanism": self.mechanism_report(),
             "noise_multipliers_planned": self.noise_multipliers,
             "calibrated": self.calibrated,
             "clipping": {
@@ -127,7 +137,32 @@ class NoisePlan:
             "caveats": caveats,
         }
 
+    def _noise_words(self) -> str:
+        if self.mechanism == "tree":
+            return (f"Gaussian noise added by a trusted server to every node of a binary tree over the rounds, the "
+                    f"tree restarted every {self.cycle} rounds (DP-FTRL, Kairouz et al. 2021)")
+        if self.mechanism == "bandmf":
+            return (f"Gaussian noise added by a trusted server, correlated across rounds by a {self.bands}-banded "
+                    "strategy matrix with unit column norms (BandMF, Choquette-Choo et al. 2023)")
+        return "independent Gaussian noise added by a trusted server each round"
+
+    def mechanism_report(self) -> dict[str, Any]:
+        """privacy.json's mechanism section: which noise, and what its accounting assumes."""
+        out: dict[str, Any] = {"name": self.mechanism}
+        if self.mechanism == "bandmf":
+            out.update(bands=self.bands, coefficients="banded square root of the prefix-sum matrix, unit norm",
+                       accounting=f"one Poisson-sampled Gaussian per cycle of {self.cycle} rounds (amplified BandMF)")
+        if self.mechanism == "tree":
+            out.update(restart_every=self.cycle, accounting="one Gaussian per released node above a client's leaf "
+                       "(positions 1, 2, 4, ... of each tree), no amplification by sampling")
+        return out
+
     def _sampling_words(self) -> str:
+        if self.sampling == "cyclic":
+            return (f"the clients are split into {self.cycle} fixed groups (client i in group i mod {self.cycle}), round t "
+                    f"draws only from group (t-1) mod {self.cycle}, each member independently with probability "
+                    f"q={self.sampling_rate:.4g}, so a client's chances are {self.cycle} rounds apart (cyclic "
+                    f"{'Poisson ' if self.sampling_rate < 1 else ''}sampling)")
         if self.sampling == "poisson":
             return f"each client joins each round independently with probability q={self.sampling_rate:.4g} (Poisson sampling)"
         if self.sampling == "fixed":
@@ -160,6 +195,9 @@ def make_noise_plan(rc: RunConfig) -> NoisePlan:
     p = rc.privacy
     q = 1.0 if rc.sampling == "all" else rc.clients_per_round / rc.num_clients
     expected = rc.num_clients if rc.sampling == "all" else rc.clients_per_round
+    cycle = (rc.cyclic_groups or default_cyclic_groups(rc.num_clients, rc.clients_per_round)) if rc.sampling == "cyclic" else 1
+    if rc.sampling == "cyclic":
+        q = cyclic_rate(rc.num_clients, rc.clients_per_round, cycle)
     population, caveats = rc.num_clients, []
     denominator = float(expected)
     if p.noise_cohort_size is not None:
@@ -205,7 +243,16 @@ def make_noise_plan(rc: RunConfig) -> NoisePlan:
         multipliers = [p.noise_multiplier * v / rel[0] for v in rel]
         calibrated = False
     elif p.target_epsilon is not None:
+        def recorder(ledger: PrivacyLedger, z: float, server_round: int) -> None:  # as NoisePlan.record_round
+            if rc.sampling == "cyclic":
+                cycles.record(ledger, p.mechanism, cycle, q, z, server_round)
+            else:
+                ledger.record(z, q, rc.sampling, 1, population=population if sample_size else None,
+                              sample_size=sample_size)
+
         def calibrated_to(target: float) -> list[float]:
+            if rc.sampling == "cyclic":
+                return [cycles.calibrate_cyclic(p.mechanism, cycle, q, rc.num_rounds, delta, target, accountant)] * rc.num_rounds
             return calibrate(shape, rc.num_rounds, q, rc.sampling, delta, target,
                              population=population if rc.sampling == "fixed" else None, sample_size=sample_size,
                              accountant=accountant).noise_multipliers()
@@ -213,7 +260,7 @@ def make_noise_plan(rc: RunConfig) -> NoisePlan:
         try:
             pure = planned_pure_releases(rc)
             if pure.num_releases:  # the budget covers the run: the training gets what the other releases leave
-                training_target = _training_share(rc, calibrated_to, pure, delta, accountant)
+                training_target = _training_share(rc, calibrated_to, pure, delta, accountant, recorder)
                 caveats.append(
                     f"privacy.target_epsilon={p.target_epsilon:g} budgets the whole run: the training was calibrated to "
                     f"epsilon {training_target:.4g} so that, composed with the planned pure releases "
@@ -243,12 +290,15 @@ def make_noise_plan(rc: RunConfig) -> NoisePlan:
         caveats=caveats,
         # the budget covers the whole run: the stop before each round counts these too
         reserved=partial(planned_pure_releases, rc) if p.target_epsilon is not None else None,
+        mechanism=p.mechanism,
+        cycle=cycle,
+        bands=(p.bands or cycle) if p.mechanism == "bandmf" else 1,
     )
     if not calibrated and p.target_epsilon is not None and math.isfinite(p.target_epsilon):
         first = plan_epsilons(plan)[0]
         if plan.reserved is not None and plan.reserved(1).num_releases:  # round 1 with what a 1-round run releases
             trial = PrivacyLedger()
-            plan.record_round(trial, multipliers[0])
+            plan.record_round(trial, multipliers[0], 1)
             trial.extend(plan.reserved(1))
             first = trial.epsilon(delta, accountant)
         if first > p.target_epsilon:  # the run would stop before its first round
@@ -277,16 +327,17 @@ def planned_pure_releases(rc: RunConfig, rounds: int | None = None) -> PrivacyLe
     return ledger
 
 
-def _training_share(rc: RunConfig, calibrated_to: Any, pure: PrivacyLedger, delta: float, accountant: str) -> float:
+def _training_share(rc: RunConfig, calibrated_to: Any, pure: PrivacyLedger, delta: float, accountant: str,
+                    recorder: Callable[[PrivacyLedger, float, int], None]) -> float:
     """The largest training target whose calibrated plan, composed with ``pure``, stays within the run's
     privacy.target_epsilon (bisection on the training target; each step is one calibration: ~0.1 s with
     PLD, ~1 s with RDP)."""
     target = float(rc.privacy.target_epsilon)
 
     def total(training_target: float) -> float:
-        ledger, kw = PrivacyLedger(), _kwargs_for(rc)
-        for z in calibrated_to(training_target):
-            ledger.record(z, **kw)
+        ledger = PrivacyLedger()
+        for t, z in enumerate(calibrated_to(training_target), start=1):
+            recorder(ledger, z, t)
         ledger.extend(pure)
         return ledger.epsilon(delta, accountant)
 
@@ -314,17 +365,13 @@ def _training_share(rc: RunConfig, calibrated_to: Any, pure: PrivacyLedger, delt
     return best
 
 
-def _kwargs_for(rc: RunConfig) -> dict[str, Any]:
-    q = 1.0 if rc.sampling == "all" else rc.clients_per_round / rc.num_clients
-    fixed = rc.sampling == "fixed"
-    return {"sampling_rate": q, "sampling": rc.sampling, "population": rc.num_clients if fixed else None,
-            "sample_size": rc.clients_per_round if fixed else None}
-
-
 def plan_epsilons(plan: NoisePlan) -> list[float]:
     """Epsilon after each round if the run follows the plan (for "planned vs spent")."""
     if any(z == 0 for z in plan.noise_multipliers):  # target_epsilon=inf: no noise, no guarantee
         return [math.inf] * len(plan.noise_multipliers)
+    if plan.sampling == "cyclic":
+        return cycles.epsilons(plan.mechanism, plan.cycle, plan.sampling_rate, plan.noise_multipliers, plan.delta,
+                               plan.accountant)
     schedule = NoiseSchedule(Phases(tuple((1, z) for z in plan.noise_multipliers)), len(plan.noise_multipliers))
     kw = plan.ledger_kwargs()
     return planned_epsilons(

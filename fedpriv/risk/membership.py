@@ -95,10 +95,10 @@ def from_seeded_sampler(rc: RunConfig, run_dir: Path, rounds: int, sampler_seed:
     sizes = recorded_cohort_sizes(run_dir)
     if any(r not in sizes for r in range(1, rounds + 1)):
         return None
-    sampler = ClientSampler(rc.sampling, rc.num_clients, rc.clients_per_round, sampler_seed)
+    sampler = ClientSampler(rc.sampling, rc.num_clients, rc.clients_per_round, sampler_seed, rc.cyclic_groups)
     clients: set[int] = set()
     for rnd in range(1, rounds + 1):
-        cohort = sampler.sample()
+        cohort = sampler.sample(rnd)
         if len(cohort) != sizes[rnd]:
             return None
         clients |= {int(c) for c in cohort}
