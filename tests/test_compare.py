@@ -18,10 +18,11 @@ ROOT = Path(__file__).resolve().parents[1]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
-def _config(run_dir: Path, mode: str, target: float | None, tags: list[str]) -> dict:
-    return {
-        "seed": 0,
-        "num_clients": 20,
+def _config(run_dir: Path, mode: str, target: float | None, tags: list[str], seed: int = 0, mechanism: str | None = None,
+            sampling: str | None = None, num_clients: int = 20, lr: float | None = None) -> dict:
+    cfg = {
+        "seed": seed,
+        "num_clients": num_clients,
         "num_rounds": 4,
         "run_dir": str(run_dir),
         "dataset": {"name": "digits"},
@@ -29,11 +30,20 @@ def _config(run_dir: Path, mode: str, target: float | None, tags: list[str]) -> 
         "privacy": {"mode": mode, "target_epsilon": target, "delta": None, "local": {"delta": 1e-5}},
         "tracking": {"wandb": False, "tags": tags},
     }
+    if mechanism is not None:  # runs older than privacy.mechanism have no such key
+        cfg["privacy"]["mechanism"] = mechanism
+    if sampling is not None:
+        cfg["sampling"] = sampling
+    if lr is not None:
+        cfg["train"] = {"lr": lr}
+    return cfg
 
 
-def _write_run(run_dir: Path, mode: str, target: float | None, accs: list[float], epsilons: list | None, summary_eps=None) -> None:
+def _write_run(run_dir: Path, mode: str, target: float | None, accs: list[float], epsilons: list | None, summary_eps=None,
+               **config_kw) -> None:
     run_dir.mkdir(parents=True)
-    (run_dir / "config.yaml").write_text(yaml.safe_dump(_config(run_dir, mode, target, [run_dir.name]), sort_keys=False))
+    cfg = _config(run_dir, mode, target, [run_dir.name], **config_kw)
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
     lines = []
     for i, acc in enumerate(accs, start=1):
         rec = {"round": i, "test_accuracy": acc, "test_loss": 1.0 - acc, "num_clients": 5, "num_sampled": 5,
@@ -81,12 +91,13 @@ def test_table_plots_and_html(multirun, tmp_path, capsys):
     assert rows["privacy.mode=central,privacy.target_epsilon=2"][1:] == ["central", "2", "4", "0.6600", "2", "12.5"]
     assert rows["privacy.mode=none,privacy.target_epsilon=-"][1:] == ["none", "-", "4", "0.8500", "none", "12.5"]
 
-    for name in ("compare_accuracy.png", "compare_epsilon.png", "compare_frontier.png"):
+    for name in ("compare_accuracy.png", "compare_epsilon.png", "compare_frontier.png", "frontier_mechanisms.png"):
         _check_png(multirun / name)  # --out defaults to the given folder
+    assert "seeds aggregated" not in out  # no two runs differ only by seed
 
     doc = report.read_text()
     images = re.findall(r'src="data:image/png;base64,([A-Za-z0-9+/=]+)"', doc)
-    assert len(images) == 3
+    assert len(images) == 4
     assert all(base64.b64decode(i)[:8] == PNG_MAGIC for i in images)
     assert "<th>privacy.target_epsilon</th>" in doc and "<td>0.6600</td>" in doc
     assert "src=\"http" not in doc and "<script" not in doc  # self-contained
@@ -171,3 +182,158 @@ def test_runs_sorted_naturally(tmp_path, capsys):
     table = capsys.readouterr().out.strip().splitlines()
     assert [line.split()[0] for line in table[2:]] == [
         "privacy.target_epsilon=2", "privacy.target_epsilon=10", "privacy.target_epsilon=inf"]
+
+
+# ------------------------------------------------------------------ seeds aggregated, mechanisms
+
+# (folder, mode, target, mechanism, sampling, seed, final accuracy, published epsilon)
+SEEDED = [
+    ("g2_s0", "central", 2.0, None, "poisson", 0, 0.60, 1.98),  # older run: no privacy.mechanism -> gaussian
+    ("g2_s1", "central", 2.0, "gaussian", "poisson", 1, 0.64, 2.00),
+    ("g2_s2", "central", 2.0, "gaussian", "poisson", 2, 0.65, 1.99),
+    ("g8_s0", "central", 8.0, "gaussian", "poisson", 0, 0.70, 8.0),
+    ("g8_s1", "central", 8.0, "gaussian", "poisson", 1, 0.72, 8.0),
+    ("g8_s2", "central", 8.0, "gaussian", "poisson", 2, 0.75, 8.0),
+    ("b2_s0", "central", 2.0, "bandmf", "cyclic", 0, 0.66, 2.0),
+    ("b2_s1", "central", 2.0, "bandmf", "cyclic", 1, 0.70, 2.0),
+    ("t2_s0", "central", 2.0, "tree", "cyclic", 0, 0.62, 2.0),
+    ("t2_s1", "central", 2.0, "tree", "cyclic", 1, 0.63, 2.0),
+    ("t2_s2", "central", 2.0, "tree", "cyclic", 2, 0.61, 2.0),
+    ("np_s0", "none", None, None, "poisson", 0, 0.85, None),
+    ("np_s1", "none", None, None, "poisson", 1, 0.86, None),
+    ("np_s2", "none", None, None, "poisson", 2, 0.88, None),
+]
+
+
+def _write_seeded(root: Path, rows=SEEDED, **config_kw) -> None:
+    for name, mode, target, mech, sampling, seed, acc, eps in rows:
+        _write_run(root / name, mode, target, [0.3, acc], None if eps is None else [eps / 2, eps],
+                   seed=seed, mechanism=mech, sampling=sampling, **config_kw)
+
+
+def _mean_sd(values: list[float]) -> tuple[float, float]:
+    m = sum(values) / len(values)
+    return m, (sum((v - m) ** 2 for v in values) / (len(values) - 1)) ** 0.5
+
+
+def _seed_rows(out: str) -> list[list[str]]:
+    lines = out.split("seeds aggregated")[1].split("compare: wrote")[0].strip().splitlines()
+    return [lines[1].split(), *(line.split() for line in lines[3:] if line.strip())]
+
+
+@pytest.fixture
+def seeded(tmp_path) -> Path:
+    root = tmp_path / "seeded"
+    _write_seeded(root)
+    return root
+
+
+def test_seed_table_groups_by_seed_and_gaps(seeded, capsys):
+    assert main([str(seeded), "--no-plots"]) == 0
+    out = capsys.readouterr().out
+    header, *rows = _seed_rows(out)
+    assert header == ["privacy.mechanism", "privacy.mode", "privacy.target_epsilon", "sampling", "seeds",
+                      "acc_mean±std", "acc_min..max", "epsilon", "gap_vs_nonpriv"]
+    by = {(r[0], r[2]): r for r in rows}
+    assert len(rows) == 5  # 14 runs, 5 groups: the run without privacy.mechanism joined its gaussian seeds
+    np_mean, _ = _mean_sd([0.85, 0.86, 0.88])
+    for (mech, target), accs, eps in [(("gaussian", "2"), [0.60, 0.64, 0.65], "2"),
+                                      (("gaussian", "8"), [0.70, 0.72, 0.75], "8"),
+                                      (("bandmf", "2"), [0.66, 0.70], "2"),
+                                      (("tree", "2"), [0.62, 0.63, 0.61], "2")]:
+        m, sd = _mean_sd(accs)
+        row = by[(mech, target)]
+        assert row[4] == str(len(accs))
+        assert row[5] == f"{m:.4f}±{sd:.4f}"
+        assert row[6] == f"{min(accs):.4f}..{max(accs):.4f}"
+        assert row[7] == eps  # the largest over seeds (1.98, 2.00, 1.99 -> 2)
+        assert float(row[8]) == pytest.approx(m - np_mean, abs=1e-4)
+    np_row = by[("-", "-")]
+    assert np_row[1] == "none" and np_row[4] == "3" and np_row[7] == "none" and np_row[8] == "-"
+    assert np_row[5].startswith(f"{np_mean:.4f}±")
+    # the per-run table is still printed first, one row per run
+    assert len(out.split("seeds aggregated")[0].strip().splitlines()) == 2 + len(SEEDED)
+
+
+def test_gap_needs_exactly_one_matching_non_private_group(tmp_path, capsys):
+    root = tmp_path / "pop"
+    _write_seeded(root / "n20", [r for r in SEEDED if r[0][0] in "gn"])
+    # another population: its private group matches its own non-private group, not the one of 20 clients
+    _write_seeded(root / "n50", [r for r in SEEDED if r[0].startswith(("g2", "np"))], num_clients=50)
+    assert main([str(root), "--no-plots"]) == 0
+    header, *rows = _seed_rows(capsys.readouterr().out)
+    col = {h: i for i, h in enumerate(header)}
+    gaps = {(r[col["num_clients"]], r[col["privacy.target_epsilon"]]): r[col["gap_vs_nonpriv"]] for r in rows}
+    np20 = _mean_sd([0.85, 0.86, 0.88])[0]
+    assert float(gaps[("20", "8")]) == pytest.approx(_mean_sd([0.70, 0.72, 0.75])[0] - np20, abs=1e-4)
+    assert float(gaps[("50", "2")]) == pytest.approx(_mean_sd([0.60, 0.64, 0.65])[0] - np20, abs=1e-4)
+
+    # two non-private groups of the same population (another learning rate): no gap, rather than a guess
+    _write_seeded(root / "lr", [r for r in SEEDED if r[0].startswith("np")], num_clients=50, lr=0.5)
+    assert main([str(root), "--no-plots"]) == 0
+    header, *rows = _seed_rows(capsys.readouterr().out)
+    col = {h: i for i, h in enumerate(header)}
+    gaps = {(r[col["num_clients"]], r[col["privacy.target_epsilon"]]): r[col["gap_vs_nonpriv"]] for r in rows}
+    assert gaps[("50", "2")] == "-" and gaps[("20", "8")] != "-"
+
+
+def test_frontier_mechanisms_one_curve_per_mechanism(seeded, tmp_path, monkeypatch):
+    from fedpriv.compare import mechanism, mechanism_curves, plot_frontier_mechanisms
+
+    runs, _ = find_runs([seeded])
+    assert mechanism(next(r for r in runs if r.path.name == "g2_s0")) == "gaussian"  # no privacy.mechanism key
+    assert "privacy.mechanism" not in next(r for r in runs if r.path.name == "g2_s0").config
+    data = mechanism_curves(runs)
+    assert set(data.curves) == {"DP-FedAvg (gaussian, poisson)", "BandMF (cyclic)", "DP-FTRL tree (cyclic)"}
+    gauss = data.curves["DP-FedAvg (gaussian, poisson)"]
+    assert [(p[0], p[4]) for p in gauss] == [(2.0, 3), (8.0, 3)]
+    assert gauss[0][1:4] == pytest.approx((_mean_sd([0.60, 0.64, 0.65])[0], 0.60, 0.65))
+    assert data.curves["BandMF (cyclic)"] == [pytest.approx((2.0, 0.68, 0.66, 0.70, 2))]
+    assert list(data.references) == ["non-private (3 seeds)"]
+    assert data.references["non-private (3 seeds)"] == pytest.approx((_mean_sd([0.85, 0.86, 0.88])[0], 0.85, 0.88, 3))
+    assert not data.infinite
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.axes
+
+    drawn: list[str] = []
+    lines: list[str] = []
+    original_errorbar, original_axhline = matplotlib.axes.Axes.errorbar, matplotlib.axes.Axes.axhline
+    monkeypatch.setattr(matplotlib.axes.Axes, "errorbar",
+                        lambda self, *a, **kw: drawn.append(kw.get("label")) or original_errorbar(self, *a, **kw))
+    monkeypatch.setattr(matplotlib.axes.Axes, "axhline",
+                        lambda self, *a, **kw: lines.append(kw.get("label")) or original_axhline(self, *a, **kw))
+    path = plot_frontier_mechanisms(runs, tmp_path / "frontier_mechanisms.png")
+    assert path == tmp_path / "frontier_mechanisms.png"
+    assert sorted(drawn) == sorted(data.curves)  # one error-bar series per mechanism
+    assert lines == ["non-private (3 seeds)"]
+    _check_png(path)
+
+
+def test_non_private_groups_of_different_populations_are_separate_lines(tmp_path):
+    from fedpriv.compare import mechanism_curves
+
+    root = tmp_path / "pops"
+    _write_seeded(root / "n20", [r for r in SEEDED if r[0].startswith(("g2", "np"))])
+    _write_seeded(root / "n50", [r for r in SEEDED if r[0].startswith("np")][:2], num_clients=50)
+    runs, _ = find_runs([root])
+    refs = mechanism_curves(runs).references
+    assert sorted(refs) == ["non-private (2 seeds) num_clients=50", "non-private (3 seeds) num_clients=20"]
+
+
+def test_every_frontier_point_composes_and_an_unknown_point_is_refused(tmp_path, capsys):
+    """scripts/frontier.py checks every run of a study before the first starts (the presets included)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("frontier", ROOT / "scripts" / "frontier.py")
+    frontier = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(frontier)
+    for study, (_, points) in frontier.STUDIES.items():
+        assert frontier.main([study, "--dry-run", "--seeds", "1", "--out", str(tmp_path)]) == 0
+        printed = capsys.readouterr().out
+        assert printed.count("frontier: experiment=") == len(points)
+    assert not any(tmp_path.iterdir())  # a dry run writes nothing
+    assert frontier.main(["fmnist", "--only", "gaussian_eps3", "--dry-run", "--out", str(tmp_path)]) == 2
+    assert "unknown point(s) gaussian_eps3" in capsys.readouterr().err

@@ -11,6 +11,7 @@ from typing import Sequence
 from fedpriv.compare.plots import draw_plots
 from fedpriv.compare.report import write_html
 from fedpriv.compare.runs import find_runs
+from fedpriv.compare.seeds import seed_table
 from fedpriv.compare.table import format_table, natural_key, table
 
 
@@ -43,6 +44,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     runs.sort(key=lambda r: natural_key(r.label))
     header, rows = table(runs)
     print(format_table(header, rows))
+    seeds = seed_table(runs)  # only when some runs differ by seed alone
+    if seeds is not None:
+        print("\nseeds aggregated (runs identical but for seed; acc: final test accuracy, std over seeds n-1; "
+              "epsilon: the largest; gap: mean - the non-private group of the same population):")
+        print(format_table(*seeds))
 
     if args.no_plots and args.html is None:
         return 0

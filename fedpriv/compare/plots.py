@@ -1,16 +1,25 @@
-"""Matplotlib figures of compared runs: accuracy and epsilon per round, the privacy-utility frontier.
+"""Matplotlib figures of compared runs: accuracy and epsilon per round, the privacy-utility frontier
+(one point per run), and the frontier across mechanisms (one point per group of runs differing only by seed).
 
 matplotlib is imported only inside the functions that draw (Agg backend): --no-plots never loads it."""
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
 from fedpriv.compare.record import Run, as_float
+from fedpriv.compare.seeds import POPULATION_PREFIXES, SeedGroup, group_by_seed, group_differing_keys
+from fedpriv.compare.table import _cell
 
-PLOT_NAMES = {"accuracy": "compare_accuracy.png", "epsilon": "compare_epsilon.png", "frontier": "compare_frontier.png"}
+PLOT_NAMES = {
+    "accuracy": "compare_accuracy.png",
+    "epsilon": "compare_epsilon.png",
+    "frontier": "compare_frontier.png",
+    "mechanisms": "frontier_mechanisms.png",
+}
 
 
 def _series(run: Run, key: str) -> tuple[list[float], list[float]]:
@@ -168,11 +177,133 @@ def plot_frontier(runs: Sequence[Run], path: Path) -> Path | None:
     return _save(fig, path)
 
 
+_MECHANISM_NAMES = {"gaussian": "DP-FedAvg", "tree": "DP-FTRL tree", "bandmf": "BandMF"}
+_MODE_PREFIX = {"central": "", "local": "local DP ", "central_local": "central+local DP "}
+
+
+def mechanism_label(group: SeedGroup) -> str:
+    """``DP-FedAvg (gaussian, poisson)``, ``BandMF (cyclic)``, ``DP-FTRL tree (cyclic)``: mechanism and sampling."""
+    mech = group.mechanism
+    name = _MECHANISM_NAMES.get(mech, mech)
+    inner = f"{mech}, {group.sampling}" if mech == "gaussian" else group.sampling
+    mode = group.runs[0].privacy_mode
+    return f"{_MODE_PREFIX.get(mode, mode + ' ')}{name} ({inner})"
+
+
+@dataclass
+class MechanismCurves:
+    """What :func:`plot_frontier_mechanisms` draws. ``curves``: label -> [(epsilon, mean, min, max, n)],
+    sorted by epsilon; ``infinite``: label -> [(mean, min, max, n)] of private groups without a finite
+    epsilon; ``references``: label -> (mean, min, max, n) of the non-private groups."""
+
+    curves: dict[str, list[tuple[float, float, float, float, int]]] = field(default_factory=dict)
+    infinite: dict[str, list[tuple[float, float, float, int]]] = field(default_factory=dict)
+    references: dict[str, tuple[float, float, float, int]] = field(default_factory=dict)
+
+
+def mechanism_curves(runs: Sequence[Run]) -> MechanismCurves:
+    """Seed groups (:func:`fedpriv.compare.seeds.group_by_seed`) sorted into one curve per mechanism and
+    sampling (and population, where private groups differ in it) and the non-private reference lines."""
+    groups = group_by_seed(runs)
+    private = [g for g in groups if g.is_private]
+    population_keys = [k for k in group_differing_keys(private) if k.startswith(POPULATION_PREFIXES)]
+    public = [g for g in groups if not g.is_private]
+    public_keys = group_differing_keys(public)
+    out = MechanismCurves()
+    for g in private:
+        label = mechanism_label(g)
+        if population_keys:
+            label += " " + ",".join(f"{k}={_cell(g.config.get(k))}" for k in population_keys)
+        accs, eps = g.accuracies, g.epsilon
+        stats = (g.mean, min(accs), max(accs), len(accs))
+        if eps is not None and math.isfinite(eps) and eps > 0:
+            out.curves.setdefault(label, []).append((eps, *stats))
+        else:
+            out.infinite.setdefault(label, []).append(stats)
+    for points in out.curves.values():
+        points.sort(key=lambda p: (p[0], -p[1]))
+    for g in public:
+        accs = g.accuracies
+        extra = ",".join(f"{k}={_cell(g.config.get(k))}" for k in public_keys)
+        label = f"non-private ({len(accs)} seed{'s' if len(accs) != 1 else ''})" + (f" {extra}" if extra else "")
+        out.references[label] = (g.mean, min(accs), max(accs), len(accs))
+    return out
+
+
+def _minor_epsilon_label(value: float, _pos: Any) -> str:
+    """Label the 2 and 5 between powers of ten (0.2, 0.5, 2, 5, 20, ...), leave the others blank."""
+    if value <= 0:
+        return ""
+    lead = value / 10 ** math.floor(math.log10(value))
+    return f"{value:g}" if min(abs(lead - 2), abs(lead - 5)) < 1e-6 else ""
+
+
+def plot_frontier_mechanisms(runs: Sequence[Run], path: Path) -> Path | None:
+    """The privacy-utility frontier across mechanisms, seeds aggregated.
+
+    x: the published run epsilon at the run's delta (log scale; the largest over a group's seeds);
+    y: the final round's test accuracy, mean over the seeds of a group (runs identical but for
+    ``seed``), error bars from the lowest to the highest seed, ``n=`` the number of seeds. One curve
+    per mechanism and sampling; where several groups of a mechanism share an epsilon (a sweep of other
+    keys) all are drawn and the line joins the best mean. Non-private groups are horizontal lines
+    (mean) with a shaded min..max band; private groups without a finite epsilon are dash-dot lines.
+    Unfinished runs are left off. :func:`mechanism_curves` returns what is drawn."""
+    data = mechanism_curves(runs)
+    if not data.curves and not data.infinite and not data.references:
+        return None
+    import matplotlib.pyplot as plt  # noqa: PLC0415 - heavy, optional for --no-plots
+
+    fig, ax = _figure()
+    cmap = plt.get_cmap("tab10")
+    n = 0
+    for i, (label, points) in enumerate(data.curves.items()):
+        color = cmap(i % cmap.N)
+        eps = [p[0] for p in points]
+        mean = [p[1] for p in points]
+        yerr = [[p[1] - p[2] for p in points], [p[3] - p[1] for p in points]]
+        ax.errorbar(eps, mean, yerr=yerr, fmt="o", color=color, capsize=3, markersize=5, label=label, zorder=3)
+        best: dict[float, float] = {}
+        for e, m, *_ in points:
+            best[e] = max(best.get(e, -math.inf), m)
+        ax.plot(list(best), list(best.values()), color=color, linewidth=1.2, alpha=0.8)
+        for e, m, _, _, k in points:
+            ax.annotate(f"n={k}", (e, m), textcoords="offset points", xytext=(4, -10), fontsize="x-small", color=color)
+        n += 1
+    for j, (label, stats) in enumerate(data.infinite.items(), start=len(data.curves)):
+        for k, (mean, lo, hi, seeds) in enumerate(stats):
+            ax.axhline(mean, linestyle="-.", color=cmap(j % cmap.N), linewidth=1.2,
+                       label=f"{label} epsilon = inf ({seeds} seeds)" if k == 0 else None)
+        n += 1
+    greys = ["0.2", "0.45", "0.6", "0.75"]
+    for k, (label, (mean, lo, hi, _)) in enumerate(data.references.items()):
+        grey = greys[k % len(greys)]
+        ax.axhline(mean, linestyle="--", color=grey, linewidth=1.2, label=label)
+        if hi > lo:
+            ax.axhspan(lo, hi, color=grey, alpha=0.15, linewidth=0)
+        n += 1
+    if data.curves:
+        from matplotlib.ticker import FuncFormatter  # noqa: PLC0415 - heavy, optional for --no-plots
+
+        ax.set_xscale("log")
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))  # "1", "10", not "10^0"
+        ax.xaxis.set_minor_formatter(FuncFormatter(_minor_epsilon_label))
+    else:
+        ax.text(0.5, 0.5, "no group with a finite epsilon", transform=ax.transAxes, ha="center", va="center", color="0.4")
+    ax.set_xlabel("epsilon (published, whole run, at the run's delta; log scale)")
+    ax.set_ylabel("final test accuracy (mean over seeds)")
+    ax.set_title("Privacy-utility frontier by mechanism\n(mean over seeds; error bars and bands: min..max over seeds)")
+    ax.grid(alpha=0.3, which="both")
+    _legend(ax, n)
+    return _save(fig, path)
+
+
 def draw_plots(runs: Sequence[Run], out_dir: Path) -> tuple[dict[str, Path], list[str]]:
-    """The three PNGs (:data:`PLOT_NAMES`) in ``out_dir``, and a note for each one no run has data for."""
+    """The PNGs (:data:`PLOT_NAMES`) in ``out_dir``, and a note for each one no run has data for."""
     made: dict[str, Path] = {}
     notes: list[str] = []
-    for name, fn in (("accuracy", plot_accuracy), ("epsilon", plot_epsilon), ("frontier", plot_frontier)):
+    drawers = (("accuracy", plot_accuracy), ("epsilon", plot_epsilon), ("frontier", plot_frontier),
+               ("mechanisms", plot_frontier_mechanisms))
+    for name, fn in drawers:
         p = fn(runs, out_dir / PLOT_NAMES[name])
         if p is None:
             notes.append(f"no {name} plot: no run has the data")
