@@ -48,6 +48,12 @@ STUDIES: dict[str, tuple[str, dict[str, list[str]]]] = {
         "tree_eps1": [*_TREE, "privacy.target_epsilon=1"],
         "tree_eps2": [*_TREE, "privacy.target_epsilon=2"],
     }),
+    # The same recipe with twice the population and cohort (5 images a client): the gap against population.
+    "fmnist_12k": ("frontier_fmnist", {
+        "nonprivate": ["privacy=none", "num_clients=12000", "clients_per_round=1200"],
+        "gaussian_eps1": [*_CENTRAL, "privacy.target_epsilon=1", "num_clients=12000", "clients_per_round=1200"],
+        "gaussian_eps2": [*_CENTRAL, "privacy.target_epsilon=2", "num_clients=12000", "clients_per_round=1200"],
+    }),
     "cifar10": ("frontier_cifar10", {
         "nonprivate": ["privacy=none"],
         "gaussian_eps8": [*_CENTRAL, "privacy.target_epsilon=8"],

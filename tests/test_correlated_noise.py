@@ -281,3 +281,40 @@ def test_an_end_to_end_run_spends_and_reports_what_its_plan_says(tmp_path, flowe
     assert "cyclic" in report["guarantee"] and any("correlated" in c for c in report["caveats"])
     rows = [json.loads(line) for line in (tmp_path / "operator_only" / "diagnostics.jsonl").read_text().splitlines()]
     assert [r["cohort_size"] for r in rows] == [6] * 5  # 4 groups of 6, q = 1: each whole group in turn
+
+
+@pytest.mark.parametrize("mechanism,noise", [("gaussian", None), ("bandmf", 3), ("tree", 4)])
+def test_running_sum_noise_closed_forms_match_the_streams(mechanism, noise):
+    from fedpriv.privacy.correlated import running_sum_noise
+
+    rounds = 11
+    if mechanism == "gaussian":
+        samples = np.random.default_rng(0).normal(size=(rounds, DIM))
+        expected = running_sum_noise("gaussian", rounds)
+    elif mechanism == "bandmf":
+        samples = _stream(BandedNoise(banded_sqrt_coefficients(noise)), rounds)
+        expected = running_sum_noise("bandmf", rounds, bands=noise)
+    else:
+        samples = _stream(TreeNoise(noise), rounds)
+        expected = running_sum_noise("tree", rounds, epoch=noise)
+    assert np.allclose(np.std(np.cumsum(samples, axis=0), axis=1), expected, rtol=0.02)
+
+
+def test_mechanism_noise_script_calibrates_every_mechanism_to_the_target(capsys):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "mechanism_noise.py"
+    spec = importlib.util.spec_from_file_location("mechanism_noise", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    assert script.main(["privacy=central", "num_clients=1000", "clients_per_round=100", "num_rounds=20",
+                        "privacy.target_epsilon=2", "privacy.delta=1e-5"]) == 0
+    rows = [line.split() for line in capsys.readouterr().out.splitlines()[2:]]
+    assert len(rows) == 7  # gaussian poisson + 3 mechanisms x groups {2, 10}
+    epsilons = [float(r[-3]) for r in rows]
+    assert all(1.96 <= e <= 2.0 for e in epsilons)
+    last = {" ".join(r[:-5]): float(r[-2]) for r in rows}
+    z_gauss = float(rows[[" ".join(r[:-5]) for r in rows].index("gaussian, poisson")][-4])
+    assert last["gaussian, poisson"] == pytest.approx(z_gauss * math.sqrt(20) / 100, rel=1e-3)
+    assert script.main(["privacy=central", "privacy.mechanism=tree"]) == 2  # refused: tree needs cyclic

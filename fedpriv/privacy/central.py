@@ -302,6 +302,11 @@ class CentralGaussianMechanism:
                 "OpenDP's own privacy map charges this as a relative increase of rho below 1e-12 for these model "
                 "sizes, far below the accountant's own discretisation, and the ledger does not add it"
             )
+            if self.noise_stream is not None:
+                report["caveats"].append(
+                    f"{self.plan.mechanism} combines the exact draws linearly in float64 (the correlated noise): the "
+                    "released values are no longer exact samples on a grid, so OpenDP's floating-point protection "
+                    "holds for the draws, not for their combinations")
         return report
 
 

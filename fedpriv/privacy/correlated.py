@@ -173,3 +173,20 @@ def strategy_matrix(bands: int, rounds: int) -> np.ndarray:
     for k, value in enumerate(c[:rounds]):
         matrix += np.diag(np.full(rounds - k, value), -k)
     return matrix
+
+
+def running_sum_noise(mechanism: str, rounds: int, *, bands: int = 1, epoch: int = 1) -> np.ndarray:
+    """Std of the noise on the running sum of released rounds after each round, per unit of ``z * clip_norm``
+    (closed forms: ``sqrt(t)`` for independent noise; the row norms of ``A C^-1`` for BandMF; for the tree,
+    the square root of the nodes in the running sums: every finished tree's final decomposition plus the
+    current position's). What a model built from the running sum (FedAvg, FTRL) carries of the noise."""
+    t = np.arange(1, rounds + 1)
+    if mechanism == "gaussian":
+        return np.sqrt(t.astype(float))
+    if mechanism == "bandmf":
+        prefix = np.tril(np.ones((rounds, rounds))) @ np.linalg.inv(strategy_matrix(bands, rounds))
+        return np.linalg.norm(prefix, axis=1)
+    if mechanism == "tree":
+        finished = (t // epoch) * bin(epoch).count("1")
+        return np.sqrt(finished + np.array([bin(int(r)).count("1") for r in t % epoch], dtype=float))
+    raise ValueError(f"unknown mechanism {mechanism!r}; choose one of {MECHANISMS}")
