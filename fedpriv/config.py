@@ -340,6 +340,9 @@ def _check_participation(rc: RunConfig) -> None:
     pr, central = rc.privacy, rc.privacy.mode in ("central", "central_local")
     _one_of(pr.mechanism, ("gaussian", "tree", "bandmf"), "privacy.mechanism")
     if rc.sampling == "cyclic":
+        _require(rc.client_mode == "virtual", "sampling",
+                 "cyclic needs client_mode=virtual: SuperNodes are indexed by their order among the connected nodes, "
+                 "which shifts when one leaves, so a client's group (what the accounting relies on) would not be fixed")
         _require(rc.cyclic_groups is None or rc.cyclic_groups >= 1, "cyclic_groups", f"must be >= 1, got {rc.cyclic_groups}")
         groups = rc.cyclic_groups or default_cyclic_groups(rc.num_clients, rc.clients_per_round)
         _require(rc.clients_per_round * groups <= rc.num_clients, "cyclic_groups",
@@ -351,6 +354,9 @@ def _check_participation(rc: RunConfig) -> None:
     if not central or pr.mechanism == "gaussian":
         return
     mechanism = f"privacy.mechanism={pr.mechanism}"
+    _require(pr.noise_sampler == "numpy", "privacy.noise_sampler",
+             f"{mechanism} combines its draws linearly in float64, which undoes OpenDP's floating-point-safe sampling; "
+             "use privacy.noise_sampler=numpy (and say so) or privacy.mechanism=gaussian")
     _require(rc.sampling == "cyclic", "sampling",
              f"{mechanism} needs sampling=cyclic (each client at most once every cyclic_groups rounds, what its "
              f"accounting assumes), got {rc.sampling}")

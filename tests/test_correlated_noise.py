@@ -190,10 +190,14 @@ def test_bandmf_epsilon_matches_opacus_prv_for_dp_sgd_over_ceil_t_over_g_steps(g
     assert plan_epsilons(plan)[-1] == pytest.approx(independent, rel=0.02, abs=0.01)
 
 
-def test_cyclic_gaussian_and_one_band_bandmf_account_the_same():
-    common = ("clients_per_round=50", "num_rounds=30", "sampling=cyclic", "cyclic_groups=5", "privacy.target_epsilon=3")
-    a, b = _plan(*common), _plan(*common, "privacy.mechanism=bandmf", "privacy.bands=1")
-    assert a.noise_multipliers == b.noise_multipliers and plan_epsilons(a) == plan_epsilons(b)
+def test_tree_epsilon_after_every_round_is_the_analytic_gaussian_of_the_nodes_released_so_far():
+    """What the budget stop reads mid-run: after position r of a tree, floor(log2 r) + 1 nodes per finished tree."""
+    plan = _plan("clients_per_round=100", "num_rounds=23", "sampling=cyclic", "cyclic_groups=10",
+                 "privacy.mechanism=tree", "privacy.noise_multiplier=3", "privacy.target_epsilon=null")
+    for t, eps in enumerate(plan_epsilons(plan), start=1):
+        nodes = (t // 10) * 4 + (len(bin(t % 10)) - 2 if t % 10 else 0)  # 4 nodes in a tree of 10; floor(log2 r) + 1
+        exact = _analytic_gaussian_epsilon(math.sqrt(nodes) / 3, 1e-5)
+        assert exact <= eps <= exact * 1.01 + 1e-3, t
 
 
 # ---------------------------------------------------------------------------------------------- sampler
@@ -242,6 +246,10 @@ def test_a_resumed_mechanism_continues_the_same_noise_and_the_last_checkpoint_dr
            else np.linalg.inv(strategy_matrix(4, 6)) @ np.linalg.inv(strategy_matrix(4, 6)).T)
     for t, out in enumerate(outs):
         assert np.std(out * 100) == pytest.approx(2 * 0.5 * math.sqrt(cov[t, t]), rel=0.05)
+    metric = _mechanism(mechanism)  # the published noise_std is that marginal, not the draws' z * C / E[m]
+    for t in range(1, 7):
+        published = metric.release_sum(t, zero, [1.0], [0.1], zero).metrics["noise_std"]
+        assert published == pytest.approx(2 * 0.5 * math.sqrt(cov[t - 1, t - 1]) / 100, rel=1e-9)
     broken = _mechanism(mechanism)
     with pytest.raises(ValueError, match="no correlated noise state"):
         broken.load_state_dict({**first.state_dict(), "noise_stream": None})
@@ -255,6 +263,8 @@ def test_a_resumed_mechanism_continues_the_same_noise_and_the_last_checkpoint_dr
     (["sampling=cyclic", "cyclic_groups=30"], "cyclic_groups"),
     (["sampling=cyclic", "schedule=linear"], "schedule.name"),
     (["privacy.mechanism=matrix"], "privacy.mechanism"),
+    (["privacy.mechanism=tree", "sampling=cyclic", "privacy.noise_sampler=opendp"], "privacy.noise_sampler"),
+    (["sampling=cyclic", "client_mode=nodes"], "sampling"),
 ])
 def test_a_mechanism_whose_assumptions_do_not_hold_is_refused_naming_the_key(overrides, key):
     with pytest.raises(ConfigError, match=f"'{key}'"):
@@ -274,8 +284,11 @@ def test_an_end_to_end_run_spends_and_reports_what_its_plan_says(tmp_path, flowe
             "tracking.progress=false", f"run_dir={tmp_path}"]
     rc = compose_config(over)
     summary = run_federation(InProcessGrid(2), rc)
-    plan = make_noise_plan(rc)
-    assert summary["epsilon"] == pytest.approx(plan_epsilons(plan)[-1]) and summary["epsilon"] <= 4.0
+    z = make_noise_plan(rc).noise_multipliers[0]
+    # 4 groups of 6, q = 1: bandmf = 2 Gaussians (rounds 1, 5); tree = nodes 1, 2, 4 of the first tree + 1 of the second
+    nodes = 2 if mechanism == "bandmf" else 4
+    independent = _analytic_gaussian_epsilon(math.sqrt(nodes) / z, 1e-5)
+    assert independent <= summary["epsilon"] <= independent * 1.01 + 1e-3 and summary["epsilon"] <= 4.0
     report = json.loads((tmp_path / "privacy.json").read_text())
     assert report["mechanism"]["name"] == mechanism and report["sampling"]["scheme"] == "cyclic"
     assert "cyclic" in report["guarantee"] and any("correlated" in c for c in report["caveats"])
@@ -318,3 +331,39 @@ def test_mechanism_noise_script_calibrates_every_mechanism_to_the_target(capsys)
     z_gauss = float(rows[[" ".join(r[:-5]) for r in rows].index("gaussian, poisson")][-4])
     assert last["gaussian, poisson"] == pytest.approx(z_gauss * math.sqrt(20) / 100, rel=1e-3)
     assert script.main(["privacy=central", "privacy.mechanism=tree"]) == 2  # refused: tree needs cyclic
+
+
+def test_a_budget_stop_drops_the_noise_state_and_a_finished_run_loads_without_it():
+    plan = _plan("clients_per_round=100", "num_rounds=20", "sampling=cyclic", "cyclic_groups=4",
+                 "privacy.mechanism=tree", "privacy.noise_multiplier=5", "privacy.target_epsilon=1.2")
+    mech = CentralGaussianMechanism(plan, ClippingState(norm=1.0, adaptive=False), secure_rng=False, seed=1)
+    zero = {"x": np.zeros(10)}
+    t = 1
+    while mech.stop_reason(t) is None:
+        mech.release_sum(t, zero, [1.0], [0.1], zero)
+        t += 1
+        if mech.stop_reason(t) is None:  # the run goes on: its checkpoint must carry the noise drawn so far
+            assert mech.state_dict()["noise_stream"]["rounds"] == t - 1
+    assert 1 < t <= 20 and "budget" in mech.stop_reason(t)  # stopped by the budget, not the plan
+    state = mech.state_dict()
+    assert state["noise_stream"] is None  # nothing can follow: the secret noise is not kept
+    again = CentralGaussianMechanism(plan, ClippingState(norm=1.0, adaptive=False), secure_rng=False, seed=1)
+    again.load_state_dict(state)  # a finished run resumes (to write its outputs) without it
+    assert again.rounds == t - 1
+
+
+def test_canaries_follow_the_cyclic_groups():
+    from fedpriv.audit.canaries import CanaryAudit
+
+    plan = _plan("clients_per_round=250", "num_rounds=8", "sampling=cyclic", "cyclic_groups=4",
+                 "privacy.mechanism=bandmf", "privacy.noise_multiplier=2", "privacy.target_epsilon=null")
+    assert plan.sampling_rate == 1.0
+    audit = CanaryAudit(40, plan.sampling, plan.sampling_rate, seed=3, plan=plan)
+    total = {"x": np.zeros(50)}
+    for t in range(1, 9):
+        before = audit.participations.copy()
+        audit.add_canaries(t, total, 1.0)
+        joined = np.flatnonzero(audit.participations > before)
+        inserted_in_group = np.flatnonzero(audit.inserted & (np.arange(40) % 4 == (t - 1) % 4))
+        assert np.array_equal(joined, inserted_in_group)  # q = 1: every inserted canary of the round's group, no other
+    assert audit.expected_per_round == pytest.approx(audit.num_inserted / 4)

@@ -200,6 +200,8 @@ class CentralGaussianMechanism:
             total, canaries_in = self.hook.add_canaries(server_round, total, clip_norm)
         denom = self.plan.denominator + (self.hook.expected_per_round if self.hook is not None else 0.0)
         noise_std_sum = z_update * clip_norm * self.noise_scale
+        # the std of the noise this round's average really carries (correlated: its marginal, not the draws')
+        round_std = noise_std_sum * (self.noise_stream.marginal_std(server_round) if self.noise_stream is not None else 1.0)
         signal_norm = updates.l2_norm(total) / denom
         sampler = self._noise_source(server_round)
         if self.noise_stream is None:
@@ -232,8 +234,8 @@ class CentralGaussianMechanism:
             "update_noise_multiplier": z_update,
             "clip_norm": clip_norm,
             "clipped_fraction": (1.0 - noisy_unclipped) if noisy_unclipped is not None else raw_clipped,
-            "noise_std": noise_std_sum / denom,
-            "snr": signal_norm / (noise_std_sum / denom * math.sqrt(d)) if noise_std_sum > 0 else math.inf,
+            "noise_std": round_std / denom,
+            "snr": signal_norm / (round_std / denom * math.sqrt(d)) if noise_std_sum > 0 else math.inf,
             "update_norm_p10": float(q[0]),
             "update_norm_p50": float(q[1]),
             "update_norm_p90": float(q[2]),
@@ -264,8 +266,8 @@ class CentralGaussianMechanism:
     def state_dict(self) -> dict[str, Any]:
         """What a resumed run needs. Under tree / bandmf it holds the correlated noise already drawn, which
         would let a reader remove the noise from released updates: it goes only into the operator's
-        checkpoint, and not into the last planned round's (nothing can follow it)."""
-        finished = self.rounds >= len(self.plan.noise_multipliers)
+        checkpoint, and not into that of a run that cannot go on (its plan or its budget ends)."""
+        finished = self.noise_stream is not None and self.finished  # (only a noise stream needs to know)
         return {
             "ledger": self.ledger.state_dict(),
             "clip_norm": self.clipping.norm,
@@ -278,13 +280,18 @@ class CentralGaussianMechanism:
         self.ledger = PrivacyLedger.from_state_dict(state["ledger"])
         self.clipping.norm = float(state["clip_norm"])
         self.rounds = int(state.get("rounds", self.ledger.num_releases))
-        if self.noise_stream is not None and self.rounds:
+        if self.noise_stream is not None and self.rounds and not self.finished:
             if state.get("noise_stream") is None:
                 raise ValueError(f"the checkpoint after round {self.rounds} holds no correlated noise state "
                                  f"({self.plan.mechanism}): the run cannot continue its noise")
             self.noise_stream.load_state_dict(state["noise_stream"])
         if self.hook is not None and state.get("audit") is not None:
             self.hook.load_state_dict(state["audit"])
+
+    @property
+    def finished(self) -> bool:
+        """No round can follow: the plan or the budget ends (what the next round's stop would say)."""
+        return self.rounds >= len(self.plan.noise_multipliers) or self.stop_reason(self.rounds + 1) is not None
 
     def report(self, clip_on: str) -> dict[str, Any]:
         """privacy.json's central part: the guarantee, the figures, the events, the randomness."""
@@ -294,7 +301,12 @@ class CentralGaussianMechanism:
             report["caveats"].append(
                 f"{self.plan.mechanism}: the noise is correlated across rounds; while the run is unfinished, checkpoint.pt "
                 "(operator-only) holds the noise already drawn, which removes the noise from released updates: keep it "
-                "as secret as the clients' data (the last round's checkpoint drops it)")
+                "as secret as the clients' data (the checkpoint of a run whose plan or budget has ended drops it)")
+            if self.hook is not None:
+                report["caveats"].append(
+                    f"audit under {self.plan.mechanism}: the canary statistic (each round's cosine) ignores the noise's "
+                    "correlation across rounds: a weaker attack than one that decorrelates it; the empirical lower bound "
+                    "stays valid, it is only looser")
         report["randomness"] = randomness_words(self.noise_sampler, self.secure_rng)
         if self.noise_sampler == "opendp":
             report["caveats"].append(
@@ -302,11 +314,7 @@ class CentralGaussianMechanism:
                 "OpenDP's own privacy map charges this as a relative increase of rho below 1e-12 for these model "
                 "sizes, far below the accountant's own discretisation, and the ledger does not add it"
             )
-            if self.noise_stream is not None:
-                report["caveats"].append(
-                    f"{self.plan.mechanism} combines the exact draws linearly in float64 (the correlated noise): the "
-                    "released values are no longer exact samples on a grid, so OpenDP's floating-point protection "
-                    "holds for the draws, not for their combinations")
+
         return report
 
 

@@ -67,6 +67,14 @@ class CorrelatedNoise:
     def next(self, server_round: int, draw: Draw) -> Arrays:
         raise NotImplementedError
 
+    def marginal_std(self, server_round: int) -> float:
+        """Std of round ``server_round``'s noise ``w_t`` per coordinate, per unit of the draws' std."""
+        raise NotImplementedError
+
+    def _check_kind(self, state: dict[str, Any]) -> None:
+        if state.get("kind") != self.kind:
+            raise ValueError(f"correlated noise state of kind {state.get('kind')!r}, not {self.kind!r}")
+
     def state_dict(self) -> dict[str, Any]:
         raise NotImplementedError
 
@@ -86,6 +94,16 @@ class BandedNoise(CorrelatedNoise):
             raise ValueError("BandedNoise needs a 1-D array of coefficients with a positive first one")
         self.history: list[Arrays] = []  # w_{t-1}, w_{t-2}, ... (at most b - 1)
         self.rounds = 0
+        self._inverse: list[float] = []  # first column of C^-1 (its Toeplitz series), grown on demand
+
+    def marginal_std(self, server_round: int) -> float:
+        """The norm of row t of ``C^-1``: the square root of the sum of its first t series terms squared."""
+        c = self.coefficients
+        while len(self._inverse) < server_round:
+            k = len(self._inverse)
+            acc = (1.0 if k == 0 else 0.0) - sum(c[j] * self._inverse[k - j] for j in range(1, min(k, c.size - 1) + 1))
+            self._inverse.append(acc / c[0])
+        return float(np.sqrt(np.sum(np.square(self._inverse[:server_round]))))
 
     def next(self, server_round: int, draw: Draw) -> Arrays:
         if server_round != self.rounds + 1:
@@ -106,6 +124,10 @@ class BandedNoise(CorrelatedNoise):
         return {"kind": self.kind, "rounds": self.rounds, "history": self.history}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._check_kind(state)
+        if len(state["history"]) > self.coefficients.size - 1:
+            raise ValueError(f"correlated noise state holds {len(state['history'])} past noises for "
+                             f"{self.coefficients.size} bands")
         self.rounds, self.history = int(state["rounds"]), list(state["history"])
 
 
@@ -128,6 +150,11 @@ class TreeNoise(CorrelatedNoise):
         self.open: list[Arrays] = []  # the noises of r's decomposition, highest level first
         self.rounds = 0
 
+    def marginal_std(self, server_round: int) -> float:
+        """``w_r`` is one fresh node minus the nodes it closes (trailing zeros of the position), all independent."""
+        position = (server_round - 1) % self.epoch + 1
+        return math.sqrt(1 + (position & -position).bit_length() - 1)
+
     def next(self, server_round: int, draw: Draw) -> Arrays:
         if server_round != self.rounds + 1:
             raise ValueError(f"correlated noise: round {server_round} after round {self.rounds} (a round skipped "
@@ -143,9 +170,12 @@ class TreeNoise(CorrelatedNoise):
         return {k: node[k] - sum((c[k] for c in closed), np.zeros_like(node[k])) for k in node}
 
     def state_dict(self) -> dict[str, Any]:
-        return {"kind": self.kind, "rounds": self.rounds, "open": self.open}
+        return {"kind": self.kind, "rounds": self.rounds, "open": self.open, "epoch": self.epoch}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._check_kind(state)
+        if int(state.get("epoch", self.epoch)) != self.epoch:
+            raise ValueError(f"correlated noise state of a tree restarted every {state['epoch']} rounds, not {self.epoch}")
         self.rounds, self.open = int(state["rounds"]), list(state["open"])
 
 

@@ -7,7 +7,8 @@ only join every ``G``-th round, with probability ``q`` each time. What one clien
   bands, columns of norm <= 1): a cycle of ``G`` rounds is, for one client, one Poisson-sampled Gaussian
   of multiplier ``z`` (Choquette-Choo et al. 2023, Thm 4: BandMF with cyclic Poisson sampling is as
   private as DP-SGD run for ``ceil(T / G)`` steps at rate ``q``; ``q = 1``: ``ceil(T / G)`` Gaussians,
-  sensitivity ``sqrt(k)`` from disjoint bands). The ledger records it at the cycle's first round, before
+  sensitivity ``sqrt(k)`` from disjoint bands; jax_privacy's ``amplified_bandmf_event`` reduces it the
+  same way, to dp-accounting's DP-SGD event). The ledger records it at the cycle's first round, before
   any of the cycle's releases, so that every figure read mid-cycle is already an upper bound.
 * ``tree`` (DP-FTRL, restarted every ``G`` rounds, no amplification claimed even when ``q < 1``): after
   position ``r`` of a tree, one client's update is in at most ``floor(log2 r) + 1`` released nodes, each

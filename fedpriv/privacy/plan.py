@@ -17,6 +17,7 @@ from fedpriv.sampling import cyclic_rate, default_cyclic_groups
 
 from . import cycles
 from .budget import check_delta, default_delta
+from .correlated import banded_sqrt_coefficients
 from .ledger import PrivacyLedger
 from .schedules import NoiseSchedule, Phases, Shape, calibrate, constant, cosine, linear, phases, planned_epsilons, step
 
@@ -88,6 +89,9 @@ class NoisePlan:
             caveats.append("NOT FOR RELEASE: noise drawn from a seeded, reproducible generator (privacy.secure_rng=false)")
         change = ("replacing all of its data by another client's (replace-one: the number of clients is public)"
                   if self.sampling == "fixed" else "adding or removing all of its data (add/remove-one)")
+        if self.sampling == "cyclic":  # the groups are fixed by id: the roster of ids is public, a client's data is not
+            change = ("adding or removing all of its data while the roster of client ids, hence every client's group, "
+                      "stays fixed (add/remove-one on a public roster)")
         words = (
             f"User-level differential privacy: for any one client, {change} changes the distribution of everything the server released over the {rounds} completed round(s) "
             f"(the sequence of noised model updates{' and noised clipped-counts' if clipping.adaptive else ''}, hence the "
@@ -122,6 +126,7 @@ class NoisePlan:
                 "population": self.population,
                 "sample_size": self.sample_size,
                 "noise_denominator": self.denominator,
+                "groups": self.cycle if self.sampling == "cyclic" else None,
             },
             "mechanism": self.mechanism_report(),
             "noise_multipliers_planned": self.noise_multipliers,
@@ -150,8 +155,10 @@ class NoisePlan:
         """privacy.json's mechanism section: which noise, and what its accounting assumes."""
         out: dict[str, Any] = {"name": self.mechanism}
         if self.mechanism == "bandmf":
-            out.update(bands=self.bands, coefficients="banded square root of the prefix-sum matrix, unit norm",
-                       accounting=f"one Poisson-sampled Gaussian per cycle of {self.cycle} rounds (amplified BandMF)")
+            sampled = "Poisson-sampled (q={:.4g}) ".format(self.sampling_rate) if self.sampling_rate < 1 else ""
+            out.update(bands=self.bands, coefficients=[float(c) for c in banded_sqrt_coefficients(self.bands)],
+                       coefficients_are="the banded square root of the prefix-sum matrix, scaled to unit norm",
+                       accounting=f"one {sampled}Gaussian per cycle of {self.cycle} rounds (amplified BandMF)")
         if self.mechanism == "tree":
             out.update(restart_every=self.cycle, accounting="one Gaussian per released node above a client's leaf "
                        "(positions 1, 2, 4, ... of each tree), no amplification by sampling")
