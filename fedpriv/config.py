@@ -42,7 +42,7 @@ from fedpriv.data import DATASETS, SCHEMES
 from fedpriv.errors import ConfigError
 from fedpriv.models import MODEL_NAMES
 from fedpriv.sampling import SCHEMES as SAMPLINGS
-from fedpriv.sampling import default_cyclic_groups
+from fedpriv.sampling import cyclic_groups
 
 __all__ = [
     "ConfigError", "RunConfig", "parse_config", "check_config", "to_dict", "from_dict", "allowed_keys",
@@ -344,7 +344,7 @@ def _check_participation(rc: RunConfig) -> None:
                  "cyclic needs client_mode=virtual: SuperNodes are indexed by their order among the connected nodes, "
                  "which shifts when one leaves, so a client's group (what the accounting relies on) would not be fixed")
         _require(rc.cyclic_groups is None or rc.cyclic_groups >= 1, "cyclic_groups", f"must be >= 1, got {rc.cyclic_groups}")
-        groups = rc.cyclic_groups or default_cyclic_groups(rc.num_clients, rc.clients_per_round)
+        groups = cyclic_groups(rc.num_clients, rc.clients_per_round, rc.cyclic_groups)
         _require(rc.clients_per_round * groups <= rc.num_clients, "cyclic_groups",
                  f"{groups} groups of about {rc.num_clients // groups} clients cannot give cohorts of "
                  f"{rc.clients_per_round}: at most {rc.num_clients // rc.clients_per_round} groups")
@@ -363,7 +363,7 @@ def _check_participation(rc: RunConfig) -> None:
     _require(pr.clipping == "fixed", "privacy.clipping", f"{mechanism} needs privacy.clipping=fixed (adaptive "
              "clipping's noised count is not part of its correlated release)")
     if pr.mechanism == "bandmf":
-        groups = rc.cyclic_groups or default_cyclic_groups(rc.num_clients, rc.clients_per_round)
+        groups = cyclic_groups(rc.num_clients, rc.clients_per_round, rc.cyclic_groups)
         _require(pr.bands is None or 1 <= pr.bands <= groups, "privacy.bands",
                  f"must be in [1, cyclic_groups={groups}] (participations {groups} rounds apart must not share a "
                  f"band), got {pr.bands}")

@@ -24,9 +24,10 @@ import numpy as np
 SCHEMES = ("poisson", "fixed", "all", "cyclic")
 
 
-def default_cyclic_groups(num_clients: int, clients_per_round: int) -> int:
-    """Groups when ``cyclic_groups`` is unset: as many as fit whole cohorts (``q = 1``: one epoch per cycle)."""
-    return max(1, num_clients // max(1, clients_per_round))
+def cyclic_groups(num_clients: int, clients_per_round: int, groups: int | None = None) -> int:
+    """The groups asked for, or when ``cyclic_groups`` is unset as many as fit whole cohorts (``q = 1``:
+    one epoch per cycle)."""
+    return groups or max(1, num_clients // max(1, clients_per_round))
 
 
 def cyclic_rate(num_clients: int, clients_per_round: int, groups: int) -> float:
@@ -40,7 +41,7 @@ def participation(scheme: str, num_clients: int, clients_per_round: int, num_rou
     if scheme == "all":
         return num_rounds, 1.0
     if scheme == "cyclic":
-        g = groups or default_cyclic_groups(num_clients, clients_per_round)
+        g = cyclic_groups(num_clients, clients_per_round, groups)
         return math.ceil(num_rounds / g), cyclic_rate(num_clients, clients_per_round, g)
     return num_rounds, min(1.0, clients_per_round / num_clients)
 
@@ -63,7 +64,7 @@ class ClientSampler:
         self.scheme = scheme
         self.population_size = population_size
         self.expected_size = min(expected_size, population_size)
-        self.groups = (groups or default_cyclic_groups(population_size, self.expected_size)) if scheme == "cyclic" else 1
+        self.groups = cyclic_groups(population_size, self.expected_size, groups) if scheme == "cyclic" else 1
         if not 1 <= self.groups <= population_size:
             raise ValueError(f"cyclic groups must be in [1, {population_size}], got {self.groups}")
         self.seeded = seed is not None

@@ -28,7 +28,7 @@ from fedpriv.compose import compose_config  # noqa: E402
 from fedpriv.errors import UserError  # noqa: E402
 from fedpriv.privacy.correlated import running_sum_noise  # noqa: E402
 from fedpriv.privacy.plan import make_noise_plan, plan_epsilons  # noqa: E402
-from fedpriv.sampling import default_cyclic_groups  # noqa: E402
+from fedpriv.sampling import cyclic_groups  # noqa: E402
 
 
 def variants(groups: list[int]) -> list[tuple[str, list[str]]]:
@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     try:
         base = compose_config(args.overrides)
-        groups = args.groups or sorted({2, default_cyclic_groups(base.num_clients, base.clients_per_round)})
+        groups = args.groups or sorted({2, cyclic_groups(base.num_clients, base.clients_per_round)})
         rows = []
         for label, extra in variants(groups):
             rc = compose_config([*args.overrides, "schedule=constant", *extra])

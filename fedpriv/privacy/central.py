@@ -314,7 +314,6 @@ class CentralGaussianMechanism:
                 "OpenDP's own privacy map charges this as a relative increase of rho below 1e-12 for these model "
                 "sizes, far below the accountant's own discretisation, and the ledger does not add it"
             )
-
         return report
 
 

@@ -13,7 +13,7 @@ from functools import partial
 from typing import Any, Callable
 
 from fedpriv.config import ConfigError, RunConfig
-from fedpriv.sampling import cyclic_rate, default_cyclic_groups
+from fedpriv.sampling import cyclic_groups, cyclic_rate
 
 from . import cycles
 from .budget import check_delta, default_delta
@@ -59,17 +59,9 @@ class NoisePlan:
     def record_round(self, ledger: PrivacyLedger, noise_multiplier: float, server_round: int) -> None:
         """Record round ``server_round``'s release (the noised sum, and under adaptive clipping the noised
         count); under cyclic sampling only the rounds that cost anything record (fedpriv.privacy.cycles)."""
-        if self.sampling == "cyclic":
-            cycles.record(ledger, self.mechanism, self.cycle, self.sampling_rate, noise_multiplier, server_round)
-            return
-        ledger.record(
-            noise_multiplier,
-            self.sampling_rate,
-            self.sampling,
-            1,
-            population=self.population if self.sampling == "fixed" else None,
-            sample_size=self.sample_size if self.sampling == "fixed" else None,
-        )
+        record_release(ledger, noise_multiplier, server_round, sampling=self.sampling, rate=self.sampling_rate,
+                       mechanism=self.mechanism, cycle=self.cycle, population=self.population,
+                       sample_size=self.sample_size)
 
     def ledger_kwargs(self) -> dict[str, Any]:
         return {
@@ -177,6 +169,18 @@ class NoisePlan:
         return "every client takes part in every round (no amplification by sampling)"
 
 
+def record_release(ledger: PrivacyLedger, noise_multiplier: float, server_round: int, *, sampling: str, rate: float,
+                   mechanism: str, cycle: int, population: int, sample_size: int | None) -> None:
+    """One round's training release in ``ledger``: a Gaussian with the round's sampling, or under cyclic
+    sampling what that round costs for the mechanism (fedpriv.privacy.cycles)."""
+    if sampling == "cyclic":
+        cycles.record(ledger, mechanism, cycle, rate, noise_multiplier, server_round)
+        return
+    fixed = sampling == "fixed"
+    ledger.record(noise_multiplier, rate, sampling, 1, population=population if fixed else None,
+                  sample_size=sample_size if fixed else None)
+
+
 def schedule_shape(rc: RunConfig) -> Shape:
     s = rc.schedule
     if s.name == "constant":
@@ -202,7 +206,7 @@ def make_noise_plan(rc: RunConfig) -> NoisePlan:
     p = rc.privacy
     q = 1.0 if rc.sampling == "all" else rc.clients_per_round / rc.num_clients
     expected = rc.num_clients if rc.sampling == "all" else rc.clients_per_round
-    cycle = (rc.cyclic_groups or default_cyclic_groups(rc.num_clients, rc.clients_per_round)) if rc.sampling == "cyclic" else 1
+    cycle = cyclic_groups(rc.num_clients, rc.clients_per_round, rc.cyclic_groups) if rc.sampling == "cyclic" else 1
     if rc.sampling == "cyclic":
         q = cyclic_rate(rc.num_clients, rc.clients_per_round, cycle)
     population, caveats = rc.num_clients, []
@@ -250,12 +254,8 @@ def make_noise_plan(rc: RunConfig) -> NoisePlan:
         multipliers = [p.noise_multiplier * v / rel[0] for v in rel]
         calibrated = False
     elif p.target_epsilon is not None:
-        def recorder(ledger: PrivacyLedger, z: float, server_round: int) -> None:  # as NoisePlan.record_round
-            if rc.sampling == "cyclic":
-                cycles.record(ledger, p.mechanism, cycle, q, z, server_round)
-            else:
-                ledger.record(z, q, rc.sampling, 1, population=population if sample_size else None,
-                              sample_size=sample_size)
+        recorder = partial(record_release, sampling=rc.sampling, rate=q, mechanism=p.mechanism, cycle=cycle,
+                           population=population, sample_size=sample_size)
 
         def calibrated_to(target: float) -> list[float]:
             if rc.sampling == "cyclic":
