@@ -21,6 +21,7 @@ from clients.analytics import ShareValidation, answer_query
 from clients.cohort import train_share
 from clients.identity import client_key
 from clients.local_update import run_local_update
+from fedpriv import fault_gate
 from fedpriv.analytics import QUERY_KEY
 from fedpriv.client_state import ClientStateStore, node_state_dir
 from fedpriv.config import RunConfig
@@ -64,6 +65,7 @@ def train_handler(msg: Message, context: Context) -> Message:
         return share_handler(msg, context)
     try:
         rc, cfg, data, model = _setup(msg, context)
+        fault_gate.hold(int(cfg["server-round"]))  # a no-op unless a fault test set it
         node_config = dict(context.node_config)
         key = client_key(rc.client_mode, int(cfg["client-id"]), node_config)
         store = client_store(rc, cfg, node_config)
@@ -100,6 +102,7 @@ def share_handler(msg: Message, context: Context) -> Message:
         cfg = msg.content["config"]
         rc = decode_config(str(cfg["task"]))
         torch.set_num_threads(1)
+        fault_gate.hold(int(cfg["server-round"]))  # a no-op unless a fault test set it
         node_config = dict(context.node_config)
         content = train_share(rc, cfg, msg.content["arrays"], node_config, client_store(rc, cfg, node_config))
         return Message(content, reply_to=msg)

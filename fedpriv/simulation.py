@@ -241,6 +241,8 @@ class StopOnInterrupt:
         if self.event.is_set():
             self.hard_stop("a second Ctrl-C")
         self.event.set()
+        # os.write, not print: a signal handler may interrupt a print to the same stream
+        os.write(2, b"fedpriv: stopping after the last finished round (Ctrl-C again to stop at once)\n")
         logging.getLogger("flwr").setLevel(logging.CRITICAL)  # its errors about the abandoned tasks are expected
         self.timer = threading.Timer(self.grace, self.hard_stop, args=(f"no clean stop within {self.grace:g} s",))
         self.timer.daemon = True

@@ -2,8 +2,11 @@
 life: a worker process killed (as the OOM killer does), a client that hangs (its worker stopped),
 Ctrl-C on the launcher's terminal, and a placement or cluster that cannot host the run.
 
-The slow tests start ``scripts/simulate.py`` (Ray included) in its own session and find its Ray
-worker processes by their titles (``ray::ClientAppActor`` idle, ``ray::ClientAppActor.run`` busy).
+The slow tests start ``scripts/simulate.py`` (Ray included) in its own session. They never race
+the clock: :mod:`fedpriv.fault_gate` holds every training task of one chosen round at a gate, each
+task announcing its worker's PID as it arrives, so a fault lands on a worker that is provably
+mid-task on any machine, however fast or loaded; the test then opens the gate for the others.
+Every wait below is for an event (a file, a published round, an exit), bounded far above its need.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ import pytest
 from dp_accounting import dp_event, pld
 
 from conftest import InProcessGrid
-from fedpriv import proctree, run_folder
+from fedpriv import fault_gate, proctree, run_folder
 from fedpriv.compose import compose_config
 from fedpriv.federation import run_federation
 from fedpriv.simulation import WORKER_TITLE, backend_config
@@ -31,20 +34,25 @@ from fedpriv.simulation import WORKER_TITLE, backend_config
 ROOT = Path(__file__).resolve().parents[1]
 SIMULATE = [sys.executable, str(ROOT / "scripts" / "simulate.py")]
 CLIENTS = 6
-# every client trains long enough (~0.1 s) for a fault to land mid-task
-FAST = [f"num_clients={CLIENTS}", f"clients_per_round={CLIENTS}", "sampling=all", "train.local_epochs=25",
+FAST = [f"num_clients={CLIENTS}", f"clients_per_round={CLIENTS}", "sampling=all", "train.local_epochs=2",
         "tracking.progress=false"]
+GATED_ROUND = 3  # rounds 1 and 2 publish first: the workers are warm, the run is checkpointing
+STOPPING = "fedpriv: stopping after the last finished round"
 
 
 class Run:
-    """``scripts/simulate.py`` in its own session; watches its Ray processes while it runs."""
+    """``scripts/simulate.py`` in its own session, its round ``gate_round`` held at the fault gate;
+    watches its Ray processes while it runs."""
 
-    def __init__(self, run_dir: Path, *overrides: str, env: dict[str, str] | None = None):
-        self.run_dir = run_dir
+    def __init__(self, run_dir: Path, *overrides: str, gate_round: int = GATED_ROUND,
+                 env: dict[str, str] | None = None):
+        self.run_dir, self.gate_round = run_dir, gate_round
+        self.gate = run_dir.parent / f"{run_dir.name}.gate"
+        self.gate.mkdir()
         self.err_path = run_dir.parent / f"{run_dir.name}.stderr"
         self.proc = subprocess.Popen(
             [*SIMULATE, *overrides, f"hydra.run.dir={run_dir}"], cwd=ROOT, start_new_session=True,
-            env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})},
+            env={**os.environ, "PYTHONPATH": str(ROOT), fault_gate.ENV: f"{self.gate}:{gate_round}", **(env or {})},
             stdout=subprocess.DEVNULL, stderr=self.err_path.open("w"),
         )
         self.start = proctree.proc_stat(self.proc.pid)[3]
@@ -61,36 +69,29 @@ class Run:
     def rounds(self) -> list[dict]:
         return run_folder.read_jsonl(self.run_dir / "metrics.jsonl") if (self.run_dir / "metrics.jsonl").exists() else []
 
-    def wait_for_rounds(self, n: int, timeout: float = 240) -> None:
-        """Until ``n`` rounds are published and the last one lost no client (the workers are warm)."""
+    def gated_worker(self, timeout: float = 300) -> int:
+        """The PID of a worker held mid-task at the gate (round ``gate_round`` is in flight)."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline and self.proc.poll() is None:
             self.ray()
-            done = self.rounds()
-            if len(done) >= n and done[-1].get("num_dropped", 0) == 0:  # (not published under central DP)
-                return
-            time.sleep(0.05)
-        self.fail(f"{n} rounds were not published")
+            held = sorted(self.gate.glob("busy.*"))
+            if held:
+                self.ray()  # every worker of the run is up by now
+                return int(held[0].suffix[1:])
+            time.sleep(0.01)
+        self.fail(f"no task reached the gate of round {self.gate_round}")
 
-    def busy_worker(self, timeout: float = 120) -> tuple[int, int]:
-        """(PID of a worker in the middle of a task, rounds published then: the next one is in flight).
+    def open_gate(self) -> None:
+        (self.gate / "open").touch()
 
-        Ray renames a worker back to idle a moment after its reply left: a worker counts as busy
-        once it has shown a task's title for 0.2 s within one round."""
-        deadline, since = time.monotonic() + timeout, {}
-        while time.monotonic() < deadline and self.proc.poll() is None:
-            titles, published, now = self.ray(), len(self.rounds()), time.monotonic()
-            for pid, title in titles.items():
-                if not title.startswith(WORKER_TITLE + "."):
-                    since.pop(pid, None)
-                elif since.setdefault(pid, (now, published))[1] != published:
-                    since[pid] = (now, published)
-                elif now - since[pid][0] >= 0.2:
-                    return pid, published
-            time.sleep(0.005)
-        self.fail("no worker was ever busy")
+    def wait_for_stderr(self, text: str, timeout: float = 120) -> None:
+        deadline = time.monotonic() + timeout
+        while text not in self.stderr() and time.monotonic() < deadline and self.proc.poll() is None:
+            time.sleep(0.01)
+        if text not in self.stderr():
+            self.fail(f"{text!r} never appeared")
 
-    def wait(self, timeout: float = 240) -> int:
+    def wait(self, timeout: float = 300) -> int:
         deadline = time.monotonic() + timeout
         while self.proc.poll() is None and time.monotonic() < deadline:
             self.ray()
@@ -110,9 +111,15 @@ class Run:
         proctree.kill_all(proctree.descendants({self.proc.pid: self.start}) | {self.proc.pid})
         self.proc.wait(timeout=30)
 
-    def ray_left(self) -> list[int]:
-        time.sleep(1.0)  # a killed process's last moments
-        return sorted(pid for pid in self.ray_seen if proctree.pid_alive(pid))
+    def ray_left(self, timeout: float = 30) -> list[int]:
+        """Ray processes of the run still alive once their last moments (up to ``timeout``) passed."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            alive = sorted(pid for pid in self.ray_seen if proctree.pid_alive(pid))
+            if not alive:
+                return []
+            time.sleep(0.1)
+        return alive
 
 
 def share(workers: set[int]) -> int:
@@ -128,16 +135,18 @@ def test_a_worker_that_dies_costs_only_its_round_and_is_replaced(tmp_path):
         other.listen()
         run = Run(tmp_path / "run", *FAST, "num_rounds=5",
                   env={"RAY_ADDRESS": f"127.0.0.1:{other.getsockname()[1]}"})
-        run.wait_for_rounds(2)
+        victim = run.gated_worker()
         first_workers = set(run.workers_seen)
-        victim, published = run.busy_worker()
+        assert victim in first_workers
         os.kill(victim, signal.SIGKILL)  # as the OOM killer does
+        run.open_gate()
         assert run.wait() == 0, run.stderr()[-3000:]
     rounds = run.rounds()
     assert [r["round"] for r in rounds] == [1, 2, 3, 4, 5]
-    hit = rounds[published]  # the round in flight when the worker died
-    assert hit["num_failed"] <= share(first_workers) and hit["num_clients"] + hit["num_failed"] == CLIENTS
-    for r in rounds[published + 1:]:  # a replacement serves the later rounds: nobody fails
+    assert all(r["num_failed"] == 0 for r in rounds[:GATED_ROUND - 1]), rounds
+    hit = rounds[GATED_ROUND - 1]  # the round in flight when the worker died
+    assert 1 <= hit["num_failed"] <= share(first_workers) and hit["num_clients"] + hit["num_failed"] == CLIENTS
+    for r in rounds[GATED_ROUND:]:  # a replacement serves the later rounds: nobody fails
         assert (r["num_clients"], r["num_failed"], r["num_dropped"]) == (CLIENTS, 0, 0), rounds
     assert run.workers_seen - first_workers, "no replacement worker started"
     assert run.ray_left() == []
@@ -145,15 +154,17 @@ def test_a_worker_that_dies_costs_only_its_round_and_is_replaced(tmp_path):
 
 @pytest.mark.slow
 def test_a_hung_client_is_bounded_by_round_timeout_and_the_run_ends(tmp_path):
-    run = Run(tmp_path / "run", *FAST, "num_rounds=5", "round_timeout=15")
-    run.wait_for_rounds(2)
+    # the timeout bounds every round, the first one's worker start-up included (a few seconds
+    # here): 30 s leaves a loaded or one-core machine room, and only the hung round waits it out
+    run = Run(tmp_path / "run", *FAST, "num_rounds=5", "round_timeout=30")
+    victim = run.gated_worker()
     first_workers = set(run.workers_seen)
-    victim, published = run.busy_worker()
     os.kill(victim, signal.SIGSTOP)  # hangs: alive, silent, using no CPU
+    run.open_gate()
     assert run.wait() == 0, run.stderr()[-3000:]
     rounds = run.rounds()
     assert [r["round"] for r in rounds] == [1, 2, 3, 4, 5]
-    hung = rounds[published]
+    hung = rounds[GATED_ROUND - 1]
     assert 1 <= hung["num_dropped"] <= share(first_workers)  # what came back was aggregated; the rest dropped
     assert hung["num_clients"] + hung["num_dropped"] == CLIENTS
     assert (rounds[-1]["num_clients"], rounds[-1]["num_dropped"]) == (CLIENTS, 0)  # a fresh worker took over
@@ -167,17 +178,18 @@ def test_a_hung_client_is_bounded_by_round_timeout_and_the_run_ends(tmp_path):
 def test_ctrl_c_stops_cleanly_keeps_finished_rounds_and_resumes(tmp_path):
     central = ["privacy=central", "privacy.target_epsilon=8", "num_rounds=8"]
     run = Run(tmp_path / "run", *FAST, *central)
-    run.wait_for_rounds(2)
-    run.busy_worker()  # a round is in flight
+    run.gated_worker()  # round 3 is in flight, rounds 1 and 2 finished
     os.killpg(run.proc.pid, signal.SIGINT)  # a terminal's Ctrl-C: the launcher's whole process group
-    assert run.wait(timeout=60) == 130
+    run.wait_for_stderr(STOPPING)
+    run.open_gate()  # the held tasks may now reply: the round is abandoned all the same
+    assert run.wait(timeout=120) == 130
     err = run.stderr()
     assert "Traceback" not in err and "KeyboardInterrupt" not in err, err[-3000:]
     lines = [ln for ln in err.splitlines() if ln.startswith("fedpriv: interrupted")]
     assert len(lines) == 1 and "resume=true" in lines[0], err[-3000:]
     summary = json.loads((run.run_dir / "summary.json").read_text())
-    kept = summary["rounds_completed"]
-    assert summary["stop_reason"] == "interrupted" and 2 <= kept < 8
+    kept = GATED_ROUND - 1
+    assert (summary["stop_reason"], summary["rounds_completed"]) == ("interrupted", kept)
     assert [r["round"] for r in run.rounds()] == list(range(1, kept + 1))  # every finished round, no other
     assert run_folder.load_checkpoint(run.run_dir)["round"] == kept
     raw = run_folder.read_jsonl(run.run_dir / run_folder.DIAGNOSTICS)  # operator-only: clients per round
@@ -186,7 +198,7 @@ def test_ctrl_c_stops_cleanly_keeps_finished_rounds_and_resumes(tmp_path):
 
     resumed = subprocess.run([*SIMULATE, *FAST, *central, "resume=true", f"run_dir={run.run_dir}",
                               f"hydra.run.dir={tmp_path / 'hydra2'}"], cwd=ROOT, capture_output=True, text=True,
-                             env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=400)
+                             env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert [r["round"] for r in run.rounds()] == list(range(1, 9))
     assert json.loads((run.run_dir / "summary.json").read_text())["stop_reason"] == "completed"
@@ -194,22 +206,22 @@ def test_ctrl_c_stops_cleanly_keeps_finished_rounds_and_resumes(tmp_path):
 
 @pytest.mark.slow
 def test_a_second_ctrl_c_stops_at_once(tmp_path):
-    run = Run(tmp_path / "run", *FAST, "num_rounds=40")
-    run.wait_for_rounds(1)
-    run.busy_worker()
+    run = Run(tmp_path / "run", *FAST, "num_rounds=40", gate_round=2)
+    run.gated_worker()  # round 2 held: the first Ctrl-C's clean stop is under way when the second lands
     os.killpg(run.proc.pid, signal.SIGINT)
-    time.sleep(0.3)  # two signals at once would be one
+    run.wait_for_stderr(STOPPING)  # the first was taken (two signals at once would be one)
     try:
         os.killpg(run.proc.pid, signal.SIGINT)
-    except ProcessLookupError:
+    except ProcessLookupError:  # the clean stop won the race: exit 130 all the same
         pass
-    assert run.wait(timeout=60) == 130
+    run.open_gate()
+    assert run.wait(timeout=120) == 130
     err = run.stderr()
     assert "Traceback" not in err and "KeyboardInterrupt" not in err, err[-3000:]
     assert len([ln for ln in err.splitlines() if ln.startswith("fedpriv: interrupted")]) == 1, err[-3000:]
     published = [r["round"] for r in run.rounds()]
-    assert published == list(range(1, len(published) + 1))
-    assert run_folder.load_checkpoint(run.run_dir)["round"] in (len(published), len(published) + 1)  # resume publishes it
+    assert published == [1]  # round 2 never finished
+    assert run_folder.load_checkpoint(run.run_dir)["round"] == 1
     assert run.ray_left() == []
 
 
@@ -264,3 +276,23 @@ def test_a_run_never_joins_a_ray_it_did_not_start(tmp_path, monkeypatch):
     assert canonicalize_bootstrap_address(None, str(tmp_path)) == "10.9.8.6:6391"
     cluster = compose_config("placement=cluster placement.address=10.1.2.3:6379").placement
     assert backend_config(cluster)["init_args"]["address"] == "10.1.2.3:6379"  # named: the user's choice
+
+
+def test_the_fault_gate_holds_only_its_round_until_opened(tmp_path, monkeypatch):
+    monkeypatch.delenv(fault_gate.ENV, raising=False)
+    fault_gate.hold(3)  # off: returns at once, writes nothing
+    monkeypatch.setenv(fault_gate.ENV, f"{tmp_path}:3")
+    fault_gate.hold(2)  # another round passes straight through
+    assert list(tmp_path.iterdir()) == []
+    held = threading.Thread(target=fault_gate.hold, args=(3,), daemon=True)
+    held.start()
+    marker = tmp_path / f"busy.{os.getpid()}"
+    deadline = time.monotonic() + 60
+    while not marker.exists() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert marker.read_text() == "3" and held.is_alive()  # mid-task, announced, waiting
+    (tmp_path / "open").touch()
+    held.join(timeout=60)
+    assert not held.is_alive()
+    with pytest.raises(ValueError, match="<folder>:<round>"):
+        fault_gate.parse("no-round-here")

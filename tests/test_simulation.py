@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from fedpriv import run_folder
+from fedpriv import fault_gate, run_folder
 
 ROOT = Path(__file__).resolve().parents[1]
 SIMULATE = [sys.executable, str(ROOT / "scripts" / "simulate.py")]
@@ -28,17 +28,20 @@ def simulate(*overrides: str, env: dict[str, str] | None = None, timeout: float 
 
 
 def kill_after_rounds(rounds: int, *overrides: str, timeout: float = 400) -> subprocess.Popen:
-    """Start a simulation in its own session and SIGKILL the whole session (Ray included) once
-    ``rounds`` rounds are published: a crash no handler can soften."""
+    """Start a simulation in its own session and SIGKILL the whole session (Ray included) while
+    round ``rounds + 1`` is held mid-task at the fault gate (:mod:`fedpriv.fault_gate`): a crash no
+    handler can soften, after exactly ``rounds`` finished rounds on any machine."""
     run_dir = Path(next(o.split("=", 1)[1] for o in overrides if o.startswith("hydra.run.dir=")))
-    proc = subprocess.Popen([*SIMULATE, *overrides], cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    gate = run_dir.parent / f"{run_dir.name}.gate"
+    gate.mkdir(parents=True)
+    proc = subprocess.Popen([*SIMULATE, *overrides], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env={**os.environ, "PYTHONPATH": str(ROOT), fault_gate.ENV: f"{gate}:{rounds + 1}"},
+                            start_new_session=True)
     deadline = time.monotonic() + timeout
-    metrics = run_dir / "metrics.jsonl"
-    while time.monotonic() < deadline and proc.poll() is None:
-        if metrics.exists() and len(metrics.read_text().splitlines()) >= rounds:
-            break
-        time.sleep(0.1)
+    while time.monotonic() < deadline and proc.poll() is None and not any(gate.glob("busy.*")):
+        time.sleep(0.01)
+    assert proc.poll() is None, "the run ended before its gated round"
+    assert any(gate.glob("busy.*")), f"round {rounds + 1} never reached the gate within {timeout:g} s"
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait(timeout=30)
     return proc
@@ -95,7 +98,7 @@ def test_run_writes_outputs_and_resumes_after_a_crash(tmp_path):
     killed = kill_after_rounds(2, *FAST, "num_rounds=3", f"hydra.run.dir={run_dir}")
     assert killed.returncode == -signal.SIGKILL
     rounds = [r["round"] for r in run_folder.read_jsonl(run_dir / "metrics.jsonl")]  # a torn last line is dropped
-    assert rounds[:2] == [1, 2] and len(rounds) <= 3  # every published round was kept
+    assert rounds == [1, 2]  # every published round was kept, the one in flight never published
     assert (run_dir / "checkpoint.pt").exists()
 
     resumed = simulate(*FAST, "num_rounds=3", "resume=true", f"run_dir={run_dir}", f"hydra.run.dir={tmp_path / 'hydra2'}")

@@ -8,7 +8,6 @@ import math
 import socket
 import sys
 import threading
-import time
 import types
 from pathlib import Path
 
@@ -112,7 +111,6 @@ def test_wandb_offline_run_reads_back_without_network(tmp_path, offline_env):
     config = to_dict(rc)
     config["notes"] = "x" * 70_000  # a run record larger than two 32 KiB log blocks
 
-    t0 = time.monotonic()
     trackers = make_trackers(rc, run_dir)
     wb = next(t for t in trackers.trackers if isinstance(t, WandbTracker))
     trackers.start(config, resumed=False)
@@ -123,8 +121,6 @@ def test_wandb_offline_run_reads_back_without_network(tmp_path, offline_env):
     summary = {"final_accuracy": 0.7, "final_loss": 0.5, "rounds_completed": 2, "privacy": "central", "epsilon": 0.8, "delta": 1e-5}
     trackers.log_summary(summary)
     trackers.finish()
-    elapsed = time.monotonic() - t0
-    assert elapsed < 25, f"offline wandb took {elapsed:.1f} s"
     assert pot.connections == 0, "wandb tried to reach the network in offline mode"
 
     run_id = (run_dir / RUN_ID_FILE).read_text().strip()
