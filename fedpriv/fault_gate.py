@@ -40,7 +40,10 @@ def hold(server_round: int) -> None:
     folder, gated_round = parse(value)
     if server_round != gated_round:
         return
-    (folder / f"busy.{os.getpid()}").write_text(str(server_round))
+    marker = folder / f"busy.{os.getpid()}"
+    partial = folder / f".busy.{os.getpid()}.partial"  # renamed into place: a watcher never reads it half-written
+    partial.write_text(str(server_round))
+    partial.replace(marker)
     deadline = time.monotonic() + MAX_WAIT
     while not (folder / "open").exists() and time.monotonic() < deadline:
         time.sleep(POLL)
