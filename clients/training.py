@@ -35,15 +35,16 @@ def train(
     model.to(device).train()
     xt = torch.from_numpy(np.array(x, dtype=np.float32 if np.issubdtype(x.dtype, np.floating) else x.dtype)).to(device)
     yt = torch.from_numpy(np.array(y)).long().to(device)
-    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
-    start = [p.detach().clone() for p in model.parameters()] if proximal_mu > 0 else None
+    params = [p for p in model.parameters() if p.requires_grad]  # a LoRA model's frozen base stays out
+    opt = torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    start = [p.detach().clone() for p in params] if proximal_mu > 0 else None
     total, steps = 0.0, 0
     for _ in range(epochs):
         for idx in _batches(len(xt), batch_size, generator):
             opt.zero_grad(set_to_none=True)
             loss = F.cross_entropy(model(xt[idx]), yt[idx])
             if start is not None:
-                prox = sum(((p - s) ** 2).sum() for p, s in zip(model.parameters(), start))
+                prox = sum(((p - s) ** 2).sum() for p, s in zip(params, start))
                 loss = loss + 0.5 * proximal_mu * prox
             loss.backward()
             opt.step()

@@ -56,12 +56,29 @@ class PartitionConfig:
     shards_per_client: int = read_if("scheme", "shard", default=2)
 
 
+_LM = ("auto", "transformer")  # auto picks the transformer for sent140
+
+
 @dataclass
 class ModelConfig:
-    # auto picks by data set: logreg (tabular), mlp (digits), cnn (images), char_gru (text)
+    # auto picks by data set: logreg (tabular), mlp (digits), cnn (images), char_gru (shakespeare),
+    # transformer (sent140)
     name: str = field(default="auto", metadata=SELECTS)
     hidden: list[int] = read_if("name", "auto", "mlp", "char_gru", default_factory=lambda: [64])  # layer widths
     width: int = read_if("name", "auto", "cnn", default=32)  # channels of the CNN's first block
+    # transformer (fedpriv/language_model.py): a Hugging Face model fine-tuned with LoRA adapters (peft).
+    # A local model folder (save_pretrained; loaded with local_files_only, its tokenizer.json if it has one);
+    # null: a small Llama built from layers/dim/heads below, randomly initialised from the run's seed.
+    pretrained: Optional[str] = read_if("name", *_LM, default=None)
+    layers: int = read_if("name", *_LM, default=2)  # built-from-config only: decoder layers
+    dim: int = read_if("name", *_LM, default=64)  # built-from-config only: hidden size (MLP 4x)
+    heads: int = read_if("name", *_LM, default=4)  # built-from-config only: attention heads
+    # lora: only the adapters (and a classification head) train and travel, the base stays frozen on every
+    # worker; full: every weight trains and travels (the bytes and utility baseline).
+    finetune: str = read_if("name", *_LM, default="lora")
+    lora_rank: int = read_if("name", *_LM, default=4)
+    lora_alpha: float = read_if("name", *_LM, default=8.0)  # adapter scale alpha / rank
+    lora_targets: list[str] = read_if("name", *_LM, default_factory=lambda: ["q_proj", "v_proj"])  # module names
 
 
 @dataclass

@@ -92,6 +92,8 @@ def default_model_for(task: str, input_shape: Sequence[int]) -> str:
         return "char_gru"
     if task == "tabular":
         return "logreg"
+    if task == "text_classification":
+        return "transformer"
     if len(input_shape) == 3 and input_shape[-1] >= 28:
         return "cnn"
     return "mlp"
@@ -145,7 +147,8 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
     "cnn": _cnn,
     "char_gru": _char_gru,
 }
-MODEL_NAMES = ("auto", *MODELS)  # auto: default_model_for(task, input_shape)
+# auto: default_model_for(task, input_shape); transformer: fedpriv.language_model (built by fedpriv.task.new_model)
+MODEL_NAMES = ("auto", *MODELS, "transformer")
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -44,6 +44,8 @@ def preflight(rc: RunConfig) -> list[str]:
                           f"{rc.dataset.name} has none")
     try:
         new_model(rc)
+    except ConfigError:
+        raise
     except ValueError as exc:
         raise ConfigError(f"config key 'model.name': {exc}") from None
     rows = client_rows(rc, ds)

@@ -26,7 +26,14 @@ from fedpriv.data import (
     partition_indices,
     synthetic_dataset,
 )
-from fedpriv.errors import ClientError
+from fedpriv.data.sources import RETOKENISABLE
+from fedpriv.errors import ClientError, ConfigError
+from fedpriv.language_model import (
+    LanguageModelSpec,
+    check_tokenizer_fits,
+    new_language_model,
+    pretrained_tokenizer,
+)
 from fedpriv.models import build_model
 
 
@@ -56,7 +63,30 @@ def decode_config(text: str) -> RunConfig:
 def dataset_for(rc: RunConfig) -> FederatedDataset:
     if rc.dataset.name == "synthetic":  # generated per client on demand: its parameters are the run's
         return synthetic_dataset(rc.dataset.alpha, rc.dataset.beta, rc.seed, rc.num_clients, rc.dataset.iid)
-    return load_dataset(rc.dataset.name, rc.data.root)
+    return load_dataset(rc.dataset.name, rc.data.root, tokenizer=_checkpoint_tokenizer(rc))
+
+
+def _checkpoint_tokenizer(rc: RunConfig) -> str | None:
+    """A pretrained language model's own tokenizer, for the data sets that are tokenised with it."""
+    if not (is_language_model(rc) and rc.model.pretrained and rc.dataset.name in RETOKENISABLE):
+        return None
+    return pretrained_tokenizer(rc.model.pretrained)
+
+
+def is_language_model(rc: RunConfig) -> bool:
+    return rc.model.name == "transformer" or (rc.model.name == "auto" and rc.dataset.name in RETOKENISABLE)
+
+
+def language_model_spec(rc: RunConfig, ds: FederatedDataset) -> LanguageModelSpec:
+    m = rc.model
+    if ds.task not in ("text_classification", "next_char"):
+        raise ConfigError(f"config key 'model.name': transformer needs a text data set (sent140, shakespeare); "
+                          f"{rc.dataset.name} is {ds.task}")
+    return LanguageModelSpec(
+        task=ds.task, vocab_size=int(ds.vocab_size), seq_len=int(ds.input_shape[0]), num_classes=ds.num_classes,
+        pretrained=m.pretrained, layers=m.layers, dim=m.dim, heads=m.heads, finetune=m.finetune,
+        lora_rank=m.lora_rank, lora_alpha=float(m.lora_alpha), lora_targets=tuple(m.lora_targets), seed=rc.seed,
+    )
 
 
 def partition_params(rc: RunConfig) -> dict[str, Any]:
@@ -140,8 +170,17 @@ def _load_owner_file(path: Path, client_id: int) -> ClientData:
 
 
 def new_model(rc: RunConfig) -> nn.Module:
-    """The global model's architecture, freshly initialised from the run's seed."""
+    """The global model's architecture, freshly initialised from the run's seed.
+
+    A language model's frozen base is built once per process and shared (:mod:`fedpriv.language_model`);
+    its state dict, what travels, is the adapters only.
+    """
     ds = dataset_for(rc)
+    if is_language_model(rc):
+        spec = language_model_spec(rc, ds)
+        if spec.pretrained:
+            check_tokenizer_fits(spec, ds.tokenizer, pretrained_tokenizer(spec.pretrained))
+        return new_language_model(spec)
     return build_model(
         rc.model.name,
         task=ds.task,

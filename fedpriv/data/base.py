@@ -10,7 +10,7 @@ from fedpriv.errors import DataError  # one line naming the file, or every place
 
 __all__ = ["DataError", "FederatedDataset", "TASKS"]
 
-TASKS = ("image", "tabular", "next_char")
+TASKS = ("image", "tabular", "next_char", "text_classification")
 
 
 @dataclass(frozen=True, eq=False)
@@ -36,12 +36,15 @@ class FederatedDataset:
         y_train, y_test: int64 labels (the next character's id for Shakespeare).
         num_classes: number of output classes.
         input_shape: shape of one example (``x_train.shape[1:]``).
-        task: ``"image"``, ``"tabular"`` or ``"next_char"``.
+        task: ``"image"``, ``"tabular"``, ``"next_char"`` (predict the id after a window) or
+            ``"text_classification"`` (a label per text; ``x`` is right-padded token ids, 0 = pad).
         natural_ids: for data sets with natural clients, an int64 client id per
             training row, ids ``0 .. len(natural_names) - 1``, each with at least one
             row; otherwise ``None``.
         natural_names: client id -> human readable name, or ``None``.
-        vocab_size: size of the character vocabulary (Shakespeare), else ``None``.
+        vocab_size: size of the vocabulary (Shakespeare's characters, Sent140's tokens), else ``None``.
+        tokenizer: the JSON of the :mod:`tokenizers` tokenizer that made the ids (text data sets), or
+            ``None``; saved beside a language model so that its ids mean the same (:mod:`.text`).
     """
 
     name: str
@@ -55,6 +58,7 @@ class FederatedDataset:
     natural_ids: np.ndarray | None
     natural_names: tuple[str, ...] | None
     vocab_size: int | None = None
+    tokenizer: str | None = None
 
     def __post_init__(self) -> None:
         if self.task not in TASKS:

@@ -14,7 +14,9 @@ from .base import FederatedDataset
 from .cache import cached_arrays, source_key
 from .images import load_cifar10, load_digits_dataset, load_fashion_mnist
 from .locate import DATA_ENV, check_data_root
+from .sent140 import load_sent140
 from .synthetic import load_synthetic
+from .text import character_tokenizer
 from .tabular import load_heart_disease
 
 
@@ -44,6 +46,7 @@ def load_shakespeare(root: str | os.PathLike | None = None) -> FederatedDataset:
         natural_ids=arrays["natural_ids"],
         natural_names=tuple(info["natural_names"]),
         vocab_size=shk.VOCAB_SIZE,
+        tokenizer=character_tokenizer(shk.VOCAB),  # the fixed character table, as a tokenizers JSON
     )
 
 
@@ -55,18 +58,23 @@ LOADERS: dict[str, Callable[[str | os.PathLike | None], FederatedDataset]] = {
     "cifar10": load_cifar10,
     "heart_disease": load_heart_disease,
     "shakespeare": load_shakespeare,
+    "sent140": load_sent140,
     "synthetic": load_synthetic,  # generated per client on demand; a run's parameters: fedpriv.task.dataset_for
 }
 DATASETS = tuple(LOADERS)
+# Text data sets whose ids can come from another tokenizer (a pretrained model's own): load_dataset(tokenizer=...).
+RETOKENISABLE = ("sent140",)
 
 _memo: dict[tuple, FederatedDataset] = {}
 _memo_lock = threading.Lock()
 
 
-def load_dataset(name: str, root: str | os.PathLike | None = None) -> FederatedDataset:
+def load_dataset(name: str, root: str | os.PathLike | None = None, tokenizer: str | None = None) -> FederatedDataset:
     """Load a data set by name; the same object comes back for the same inputs.
 
-    The per-process memo is keyed by ``(name, root, $FEDPRIV_DATA, $FEDPRIV_CACHE)``.
+    ``tokenizer``: a :mod:`tokenizers` JSON that makes the ids of a data set in
+    :data:`RETOKENISABLE` (a pretrained model's own); ``None``: the data set's default.
+    The per-process memo is keyed by ``(name, root, tokenizer, $FEDPRIV_DATA, $FEDPRIV_CACHE)``.
     Raises ``ValueError`` for an unknown name, :class:`ConfigError` for a ``root`` that is
     not a folder and :class:`DataError` when the data cannot be found or read.
 
@@ -79,17 +87,20 @@ def load_dataset(name: str, root: str | os.PathLike | None = None) -> FederatedD
     """
     if name not in LOADERS:
         raise ValueError(f"unknown data set {name!r}; choose one of {', '.join(DATASETS)}")
+    if tokenizer is not None and name not in RETOKENISABLE:
+        raise ValueError(f"{name} cannot be re-tokenised; only {', '.join(RETOKENISABLE)} can")
     check_data_root(root)
     key = (
         name,
         None if root is None else os.path.abspath(os.path.expanduser(root)),
+        tokenizer,
         os.environ.get(DATA_ENV),
         os.environ.get("FEDPRIV_CACHE"),
     )
     with _memo_lock:
         ds = _memo.get(key)
         if ds is None:
-            ds = LOADERS[name](root)
+            ds = LOADERS[name](root, tokenizer) if tokenizer is not None else LOADERS[name](root)
             _memo[key] = ds
         return ds
 
