@@ -103,14 +103,19 @@ def _generator(seed: int | None, device: str = "cpu") -> torch.Generator:
     return g
 
 
-def _noise_only_step(optimizer: Any) -> None:
+def _noise_only_step(optimizer: Any, ghost: bool) -> None:
     """An empty Poisson batch: a step whose clipped sum is zero, so it releases noise alone.
 
-    Opacus's functorch / ew modes cannot run a model on a batch of size 0; a zero-length
-    per-sample gradient makes ``DPOptimizer`` clip nothing, add the noise and step as usual.
+    No model is run on it: Opacus's functorch / ew modes cannot run one on a batch of size 0, nor can a
+    transformer (its attention reshapes 0 rows ambiguously). For ``DPOptimizer`` a zero-length
+    per-sample gradient makes it clip nothing, add the noise and step as usual; ghost clipping's
+    optimizer reads the clipped sum from ``p.grad``, so it gets zeros there.
     """
     for p in optimizer.params:
-        p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)
+        if ghost:
+            p.grad = torch.zeros_like(p)
+        else:
+            p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)
     optimizer.step()
 
 
@@ -254,11 +259,7 @@ def _run_epochs(gsm: nn.Module, optimizer: Any, criterion: Any, loader: DataLoad
                 optimizer.zero_grad(set_to_none=True)
                 if len(yb) == 0:
                     empty += 1  # only an empty logical batch yields an empty physical one
-                    if grad_sample_mode == "ghost":  # ghost clipping runs a model on 0 rows fine
-                        criterion(gsm(xb.to(device)), yb.to(device)).backward()
-                        optimizer.step()
-                    else:
-                        _noise_only_step(optimizer)
+                    _noise_only_step(optimizer, ghost=grad_sample_mode == "ghost")
                     continue
                 xb, yb = xb.to(device), yb.to(device)
                 loss = criterion(gsm(xb), yb)

@@ -19,6 +19,7 @@ A round is therefore always recorded before anything about it is published; on r
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from typing import Any, Protocol
@@ -31,13 +32,18 @@ from fedpriv.aggregation import Aggregator
 from fedpriv.anonymisation import report as anonymisation
 from fedpriv.analytics import FederatedAnalytics
 from fedpriv.audit import attach_audit
+from fedpriv.audit import exposure
 from fedpriv.config import RunConfig, to_dict
 from fedpriv.engine import RoundResult, RunState
 from fedpriv.privacy.disclosure import annotate_report, published_round_keys, split_round
 from fedpriv.privacy.local_monitor import LocalPrivacyMonitor
 from fedpriv.selection import ModelSelection
-from fedpriv.task import dataset_for, evaluate, new_model, pick_device
+from fedpriv.risk.ceiling import guarantees_of
+from fedpriv.task import dataset_for, evaluate, new_model, pick_device, secrets_for
 from fedpriv.tracking import Trackers
+
+
+EXPOSURE_FILE = "exposure.json"  # the planted secrets' exposure (published: post-processing of the model)
 
 
 class Stateful(Protocol):
@@ -183,6 +189,48 @@ class Checkpointing(Callback):
         model = new_model(self.rc)
         model.load_state_dict(state.arrays.to_torch_state_dict())
         torch.save(model.state_dict(), state.run_dir / run_folder.MODEL)
+
+
+class SecretExposure(Callback):
+    """The exposure of the planted secrets in the final model (``exposure.secrets``), beside the ceiling
+    the run's published guarantee allows: ``exposure.json`` and the ``exposure_*`` summary keys. Runs
+    after Disclosure (it reads privacy.json) and Checkpointing (the model it measures is model.pt's)."""
+
+    def __init__(self, rc: RunConfig):
+        self.rc = rc
+
+    def on_end(self, state: RunState, summary: dict[str, Any]) -> None:
+        secrets, ex = secrets_for(self.rc), self.rc.exposure
+        model = new_model(self.rc)
+        model.load_state_dict(state.arrays.to_torch_state_dict())
+        measured = exposure.measure(model, secrets, ex.candidates, self.rc.seed)
+        privacy_file = state.run_dir / run_folder.PRIVACY
+        report = json.loads(privacy_file.read_text()) if privacy_file.exists() else None
+        ceilings = {}
+        for g in guarantees_of(report):  # each published guarantee bounds it; the smallest ceiling holds
+            per_example = g.unit.startswith("example")
+            eps, delta = exposure.group_guarantee(g.epsilon, g.delta, ex.repeats) if per_example else (g.epsilon, g.delta)
+            ceilings[g.name] = {"unit": g.unit, "epsilon": eps, "delta": delta,
+                                "group_of_copies": ex.repeats if per_example else 1,
+                                "mean_exposure_ceiling": exposure.expected_exposure_ceiling(eps, delta, ex.candidates)}
+        figures = {
+            "exposure_secrets": secrets.count, "exposure_repeats": ex.repeats,
+            "exposure_planted_mean": float(measured["planted"].mean()),
+            "exposure_planted_max": float(measured["planted"].max()),
+            "exposure_held_out_mean": float(measured["held_out"].mean()),
+            "exposure_measurable_bits": math.log2(ex.candidates + 1),
+            "exposure_secret_bits": secrets.space.log2_size,
+            "exposure_ceiling": min(c["mean_exposure_ceiling"] for c in ceilings.values()),
+        }
+        summary.update(figures)
+        run_folder.write_json(state.run_dir / EXPOSURE_FILE, {
+            **figures, "method": "Carlini et al. 2019 (The Secret Sharer), rank among sampled candidates",
+            "candidates": ex.candidates, "ceilings": ceilings,
+            "model_includes_secrets": True,
+            "secrets": [{"holder": f"client-{int(h)}", "exposure": float(e), "log_perplexity": float(lp)}
+                        for h, e, lp in zip(secrets.holders, measured["planted"], measured["log_perplexity_planted"])],
+            "held_out": [float(e) for e in measured["held_out"]],
+        })
 
 
 class Publishing(Callback):

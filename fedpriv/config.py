@@ -54,6 +54,7 @@ __all__ = [
 SCHEDULES = ("constant", "linear", "cosine", "step", "phases")  # fedpriv.privacy.plan.schedule_shape
 # Floats that may be +inf: the central target epsilon, a documented reference point ("clip, do not noise").
 INFINITY_ALLOWED = ("privacy.target_epsilon",)
+TEXT_DATASETS = ("sent140", "shakespeare", "shakespeare_lm")  # where exposure.secrets can be planted
 
 
 def parse_config(cfg: DictConfig | dict, explicit: set[str] | None = None) -> RunConfig:
@@ -148,7 +149,7 @@ def check_config(rc: RunConfig, explicit: set[str] | None = None) -> None:
     _require(len(m.lora_targets) > 0, "model.lora_targets", "must name at least one module (e.g. [q_proj,v_proj])")
     _require(m.pretrained is None or m.name == "transformer" or rc.dataset.name == "sent140", "model.pretrained",
              f"a checkpoint is a transformer: use model=transformer (got model={m.name})")
-    if m.pretrained is not None and explicit is not None:
+    if m.pretrained not in (None, "public") and explicit is not None:  # public: these size the public checkpoint
         for key in ("model.layers", "model.dim", "model.heads"):
             _require(not _set_by(key, explicit), key, "not read with model.pretrained (the checkpoint's own "
                      "config sets the sizes); drop it or drop model.pretrained")
@@ -243,6 +244,13 @@ def check_config(rc: RunConfig, explicit: set[str] | None = None) -> None:
         "audit.noise_scale",
         "only an audit run (audit.enabled=true) may scale the noise actually drawn",
     )
+    ex = rc.exposure
+    for key in ("secrets", "repeats", "length", "candidates"):
+        _require(getattr(ex, key) >= (key != "secrets"), f"exposure.{key}", f"got {getattr(ex, key)}, too small")
+    _require(not ex.secrets or rc.dataset.name in TEXT_DATASETS, "exposure.secrets",
+             f"secrets are planted in text: use a dataset of {', '.join(TEXT_DATASETS)} (got {rc.dataset.name})")
+    _require(not ex.secrets or (ex.secrets <= rc.num_clients and rc.client_mode == "virtual"), "exposure.secrets",
+             f"each needs its own simulated holder: at most num_clients ({rc.num_clients}), client_mode=virtual")
     an = rc.analytics
     _one_of(an.mode, ("none", "central", "local"), "analytics.mode")
     for key in ("epsilon_label_histogram", "epsilon_validation"):

@@ -68,11 +68,12 @@ class ModelConfig:
     width: int = read_if("name", "auto", "cnn", default=32)  # channels of the CNN's first block
     # transformer (fedpriv/language_model.py): a Hugging Face model fine-tuned with LoRA adapters (peft).
     # A local model folder (save_pretrained; loaded with local_files_only, its tokenizer.json if it has one);
-    # null: a small Llama built from layers/dim/heads below, randomly initialised from the run's seed.
+    # public: the data set's public checkpoint (fedpriv/pretraining.py: pretrained on text no client holds,
+    # once per machine, cached); null: a small Llama built from layers/dim/heads, randomly initialised.
     pretrained: Optional[str] = read_if("name", *_LM, default=None)
-    layers: int = read_if("name", *_LM, default=2)  # built-from-config only: decoder layers
-    dim: int = read_if("name", *_LM, default=64)  # built-from-config only: hidden size (MLP 4x)
-    heads: int = read_if("name", *_LM, default=4)  # built-from-config only: attention heads
+    layers: int = read_if("name", *_LM, default=2)  # null or public only: decoder layers
+    dim: int = read_if("name", *_LM, default=64)  # null or public only: hidden size (MLP 4x)
+    heads: int = read_if("name", *_LM, default=4)  # null or public only: attention heads
     # lora: only the adapters (and a classification head) train and travel, the base stays frozen on every
     # worker; full: every weight trains and travels (the bytes and utility baseline).
     finetune: str = read_if("name", *_LM, default="lora")
@@ -232,6 +233,19 @@ class AuditConfig:
 
 
 @dataclass
+class ExposureConfig:
+    """Secrets planted in clients' text, and how much of them the released model exposes
+    (fedpriv.audit.exposure; Carlini et al. 2019). The shipped model holds them: audit, do not ship."""
+
+    secrets: int = 0  # planted secrets, one client each (as many more are held out, never planted); 0: off
+    # Copies of a secret in its holder's training rows. User-level DP covers any number (one user);
+    # example-level DP-SGD covers r copies only as a group of r examples (r eps, r e^((r-1) eps) delta).
+    repeats: int = 4
+    length: int = 8  # symbols of a secret: tokens (Sent140) or lowercase letters (Shakespeare)
+    candidates: int = 2000  # random candidates a secret is ranked among; at most log2(n + 1) bits measurable
+
+
+@dataclass
 class QuasiIdentifierConfig:
     """How one quasi-identifier column is generalised (fedpriv.anonymisation): level 0 is the exact
     value, then each band width in turn, then "*" (the value withheld). Either bands + domain
@@ -318,6 +332,7 @@ class RunConfig:
     tracking: TrackingConfig = config_group(TrackingConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     audit: AuditConfig = config_group(AuditConfig)
+    exposure: ExposureConfig = field(default_factory=ExposureConfig)  # planted secrets (text data sets)
     analytics: AnalyticsConfig = config_group(AnalyticsConfig)  # Laplace-noised label histogram, validation
     anonymisation: AnonymisationConfig = config_group(AnonymisationConfig)  # each client's rows, before training
     selection: SelectionConfig = config_group(SelectionConfig)  # which round's model is shipped

@@ -18,7 +18,15 @@ from flwr.serverapp import Grid
 
 from fedpriv import run_folder
 from fedpriv.analytics import FederatedAnalytics
-from fedpriv.callbacks import Callback, CentralEvaluation, Checkpointing, Disclosure, LocalPrivacy, Publishing
+from fedpriv.callbacks import (
+    Callback,
+    CentralEvaluation,
+    Checkpointing,
+    Disclosure,
+    LocalPrivacy,
+    Publishing,
+    SecretExposure,
+)
 from fedpriv.config import RunConfig
 from fedpriv.engine import Population, RunState, run_rounds
 from fedpriv.privacy.local_monitor import LocalPrivacyMonitor
@@ -51,6 +59,12 @@ class RunSummary(Callback):
             "num_clients": rc.num_clients, "clients_per_round": rc.clients_per_round, "sampling": rc.sampling,
             "strategy": rc.strategy.name, "privacy": rc.privacy.mode,
         })
+        # What one reply carries (public by construction: the architecture), against full fine-tuning.
+        numbers = sum(int(v.numel()) for v in state.arrays.to_torch_state_dict().values())
+        summary.update({"update_numbers": numbers, "update_bytes": 4 * numbers})  # float32 on the wire
+        model = new_model(rc)
+        if hasattr(model, "full_model_parameters"):  # a language model: adapters travel, the base stays
+            summary["full_model_numbers"] = model.full_model_parameters()
 
 
 def run_federation(grid: Grid, rc: RunConfig, extra_callbacks: list[Callback] = (),
@@ -94,6 +108,7 @@ def run_federation(grid: Grid, rc: RunConfig, extra_callbacks: list[Callback] = 
         Disclosure(rc, aggregator, monitor, analytics, selection),
         Checkpointing(rc, {"aggregator": aggregator, "sampler": sampler, "local_monitor": monitor,
                            **({"analytics": analytics} if analytics is not None else {})}),
+        *([SecretExposure(rc)] if rc.exposure.secrets else []),  # after Disclosure and Checkpointing
         Publishing(rc, make_trackers(rc, run_dir)),
         *extra_callbacks,
     ]

@@ -103,6 +103,20 @@ def final_report(summary: dict[str, Any], rc: RunConfig) -> str:
                else "per-client epsilons in operator_only/privacy_details.json (not published under central DP)")
             + f" at delta {summary['local_delta']:.1e}"
         )
+    if "full_model_numbers" in summary:
+        lines.append(
+            f"fedpriv: each reply carries {summary['update_numbers']:,} numbers ({summary['update_bytes'] / 1024:.1f} KiB), "
+            f"{100 * summary['update_numbers'] / summary['full_model_numbers']:.2f}% of the full model's "
+            f"{summary['full_model_numbers']:,}; the frozen base never travels"
+        )
+    if "exposure_planted_mean" in summary:
+        lines.append(
+            f"fedpriv: exposure of {summary['exposure_secrets']} planted secrets ({summary['exposure_repeats']} copies "
+            f"each): mean {summary['exposure_planted_mean']:.2f} bits (max {summary['exposure_planted_max']:.2f}), "
+            f"held-out secrets {summary['exposure_held_out_mean']:.2f}; the guarantee allows a mean up to "
+            f"{summary['exposure_ceiling']:.2f} of the {summary['exposure_measurable_bits']:.2f} measurable "
+            f"(exposure.json; the model includes the secrets: do not ship it)"
+        )
     for caveat in summary.get("privacy_caveats", []):
         lines.append(f"fedpriv: caveat: {caveat}")
     lines.append(f"fedpriv: outputs in {rc.run_dir}")

@@ -17,6 +17,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from fedpriv.anonymisation.rows import anonymised_rows
+from fedpriv.audit.exposure import Secrets, draw_secrets, secret_space
 from fedpriv.config import RunConfig, from_dict, to_dict
 from fedpriv.data import (
     FederatedDataset,
@@ -35,6 +36,8 @@ from fedpriv.language_model import (
     pretrained_tokenizer,
 )
 from fedpriv.models import build_model
+from fedpriv.pretraining import PUBLIC, public_checkpoint
+
 
 
 @dataclass
@@ -70,6 +73,8 @@ def _checkpoint_tokenizer(rc: RunConfig) -> str | None:
     """A pretrained language model's own tokenizer, for the data sets that are tokenised with it."""
     if not (is_language_model(rc) and rc.model.pretrained and rc.dataset.name in RETOKENISABLE):
         return None
+    if rc.model.pretrained == PUBLIC:  # made with the data set's own default tokenizer
+        return None
     return pretrained_tokenizer(rc.model.pretrained)
 
 
@@ -82,9 +87,12 @@ def language_model_spec(rc: RunConfig, ds: FederatedDataset) -> LanguageModelSpe
     if ds.task not in ("text_classification", "next_char"):
         raise ConfigError(f"config key 'model.name': transformer needs a text data set (sent140, shakespeare); "
                           f"{rc.dataset.name} is {ds.task}")
+    pretrained = m.pretrained
+    if pretrained == PUBLIC:  # the data set's public checkpoint, pretrained once per machine and cached
+        pretrained = str(public_checkpoint(rc.dataset.name, rc.data.root, layers=m.layers, dim=m.dim, heads=m.heads))
     return LanguageModelSpec(
         task=ds.task, vocab_size=int(ds.vocab_size), seq_len=int(ds.input_shape[0]), num_classes=ds.num_classes,
-        pretrained=m.pretrained, layers=m.layers, dim=m.dim, heads=m.heads, finetune=m.finetune,
+        pretrained=pretrained, layers=m.layers, dim=m.dim, heads=m.heads, finetune=m.finetune,
         lora_rank=m.lora_rank, lora_alpha=float(m.lora_alpha), lora_targets=tuple(m.lora_targets), seed=rc.seed,
     )
 
@@ -146,7 +154,34 @@ def load_client_data(rc: RunConfig, client_id: int, node_config: dict[str, Any] 
         if len(x_tr) == 0:
             raise EmptyPartition(f"client {client_id} has no training rows left after anonymisation")
         return ClientData(client_id, x_tr, y_tr, x_va, y_va)
-    return ClientData(client_id, ds.x_train[tr], ds.y_train[tr], ds.x_train[va], ds.y_train[va])
+    return _with_secrets(rc, ClientData(client_id, ds.x_train[tr], ds.y_train[tr], ds.x_train[va], ds.y_train[va]))
+
+
+def secrets_for(rc: RunConfig) -> Secrets | None:
+    """The run's planted and held-out secrets (``exposure.secrets``; the same in every process), or None."""
+    if rc.exposure.secrets == 0:
+        return None
+    return _secrets(encode_config(rc))
+
+
+@lru_cache(maxsize=2)
+def _secrets(text: str) -> Secrets:
+    rc = decode_config(text)
+    ds = dataset_for(rc)
+    space = secret_space(ds.task, ds.tokenizer, int(ds.input_shape[0]), ds.num_classes, rc.exposure.length)
+    return draw_secrets(space, rc.exposure.secrets, rc.exposure.repeats, rc.num_clients, rc.seed)
+
+
+def _with_secrets(rc: RunConfig, data: ClientData) -> ClientData:
+    """A holder's training rows with its planted secret's copies appended (they are part of its data: every
+    DP figure of the run counts them); every other client's rows as they are."""
+    secrets = secrets_for(rc)
+    planted = secrets.rows_of(data.client_id) if secrets is not None else None
+    if planted is None:
+        return data
+    x, y = planted
+    return ClientData(data.client_id, np.concatenate([data.x_train, x.astype(data.x_train.dtype)]),
+                      np.concatenate([data.y_train, y.astype(data.y_train.dtype)]), data.x_val, data.y_val)
 
 
 def _load_owner_file(path: Path, client_id: int) -> ClientData:

@@ -90,7 +90,7 @@ def write_fashion(folder: Path, n_train: int = 20, n_test: int = 10, seed: int =
 
 
 def test_registry_and_unknown_name():
-    assert set(DATASETS) == {"digits", "fashion_mnist", "cifar10", "heart_disease", "shakespeare", "sent140", "synthetic"}
+    assert set(DATASETS) == {"digits", "fashion_mnist", "cifar10", "heart_disease", "shakespeare", "shakespeare_lm", "sent140", "synthetic"}
     with pytest.raises(ValueError, match="unknown data set 'mnist'.*fashion_mnist"):
         load_dataset("mnist")
 

@@ -238,6 +238,25 @@ def test_dp_sgd_on_lora_computes_the_clipped_mean_of_the_adapters_gradients(mode
     assert all(torch.equal(after[n], p) for n, p in frozen_before.items())
 
 
+@pytest.mark.parametrize("mode", ["hooks", "ghost"])
+def test_an_empty_poisson_batch_on_lora_is_a_noise_only_step(mode):
+    """A transformer cannot run on 0 rows (CI caught a DP-SGD client failing on a user's empty Poisson
+    batch): the step releases noise alone, every adapter moves, the frozen base does not."""
+    from clients.dp_sgd import train_dp_sgd
+
+    x, y = np.full((2, 12), 5, np.int64), np.zeros(2, np.int64)
+    for seed in range(200):  # a sampling seed whose two Poisson batches over 2 rows (q = 1/2) are both empty
+        model = _tiny_text_model()
+        start = {n: p.detach().clone() for n, p in model.named_parameters()}
+        r = train_dp_sgd(model, x, y, epochs=1, batch_size=1, lr=0.1, noise_multiplier=1.0, max_grad_norm=1.0,
+                         grad_sample_mode=mode, sampling_seed=seed, noise_seed=0)
+        if r.examples_seen == 0:
+            break
+    assert r.empty_batches == 2 and r.steps == 2
+    for n, p in r.model.named_parameters():
+        assert torch.equal(p, start[n]) != p.requires_grad, n  # adapters and head moved (noise), base did not
+
+
 @needs_sent140
 def test_central_user_level_dp_on_the_adapters_reports_dp_accountings_epsilon(tmp_path, flower_run_identity):
     """Sent140 users as clients, LoRA adapter deltas clipped and noised: the run's epsilon against an
@@ -291,3 +310,57 @@ def test_local_dp_sgd_on_the_adapters_composes_each_users_epsilon(tmp_path, flow
                     row["rounds_participated"] * plan.steps)
         assert row["steps"] == row["rounds_participated"] * plan.steps
         assert row["epsilon"] == pytest.approx(acc.get_epsilon(1e-3), rel=1e-6)
+
+
+# ------------------------------------------------------------------ public pretraining
+
+
+@needs_sent140
+def test_sent140_splits_users_never_tweets_and_the_tokenizer_sees_only_the_public_pool():
+    from fedpriv.data import load_dataset, sent140
+
+    raw = json.loads(sent140.find_file(None).read_text())
+    ds = load_dataset("sent140")
+    clients = set(ds.natural_names)
+    assert len(raw["users"]) == 2875 and 2000 < len(clients) < 2600
+    tweets = {u: len(raw["user_data"][u]["y"]) for u in raw["users"]}
+    assert len(ds.y_train) == sum(tweets[u] for u in clients)  # every tweet of every client user, nobody else's
+    test_users = [u for u in raw["users"] if sent140.pool_of(u) == "test"]
+    assert not clients & set(test_users)
+    assert len(ds.y_test) == sum(tweets[u] for u in test_users) > 0  # held-out users, all their tweets
+    public = [sent140.normalise(r[4]) for u in raw["users"] if sent140.pool_of(u) == "public"
+              for r in raw["user_data"][u]["x"]]
+    assert not any(sent140.pool_of(u) == "public" for u in clients)
+    assert sent140.default_tokenizer() == train_bpe(public, sent140.VOCAB_SIZE)  # public text only
+
+
+@needs_sent140
+def test_a_public_checkpoint_is_written_loaded_and_built_once(tmp_path, monkeypatch):
+    from fedpriv import pretraining
+    from fedpriv.data import load_dataset
+    from fedpriv.task import new_model
+
+    report = pretraining.write_checkpoint(tmp_path / "ckpt", "sent140", epochs=1, layers=1, dim=32, heads=2)
+    assert report["objective"] == "classify" and report["privacy"].startswith("none: public data only")
+    assert (tmp_path / "ckpt" / TOKENIZER_FILE).read_text() == load_dataset("sent140").tokenizer
+    from transformers import AutoModelForSequenceClassification
+
+    saved = AutoModelForSequenceClassification.from_pretrained(tmp_path / "ckpt", local_files_only=True)
+    model = new_model(compose_config(["dataset=sent140", f"model.pretrained={tmp_path / 'ckpt'}"]))
+    head = model.state_dict()["network.base_model.model.score.modules_to_save.default.weight"]
+    assert torch.equal(head, saved.score.weight)  # fine-tuning starts from the public classifier's head
+
+    calls = []
+
+    def fake_write(out, dataset, **sizes):
+        calls.append(dataset)
+        save_tiny_llama(out, vocab_size=2000, layers=sizes["layers"], dim=sizes["dim"], heads=sizes["heads"])
+        (out / pretraining.REPORT).write_text("{}")
+
+    monkeypatch.setenv("FEDPRIV_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(pretraining, "write_checkpoint", fake_write)
+    first = pretraining.public_checkpoint("sent140", layers=1, dim=32, heads=2)
+    again = pretraining.public_checkpoint("sent140", layers=1, dim=32, heads=2)
+    assert first == again and calls == ["sent140"] and (first / "config.json").is_file()
+    with pytest.raises(ConfigError, match="public pretraining exists for sent140, shakespeare_lm"):
+        pretraining.public_checkpoint("digits")

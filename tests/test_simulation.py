@@ -51,28 +51,36 @@ def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+# Each kind of refusal once through the real command line (Hydra, the schema, the data, the GPU
+# check, the run folder, the privacy plan, the cluster); the other cases of a kind are checked in
+# this process (the same compose and preflight, minus a 3-4 s interpreter start each).
+CLI = "cli"
+IN_PROCESS = "in-process"
+
+
 @pytest.mark.parametrize(
-    "overrides, env, expected",
+    "how, overrides, env, expected",
     [
-        (["+dataset.colour=red"], {}, "dataset.colour"),
-        (["dataset.colour=red"], {}, "config key 'dataset.colour': no such key"),  # Hydra's own error, one line
-        (["train.lr=inf"], {}, "config key 'train.lr': got inf"),
-        (["privacy=central", "privacy.mode=none"], {}, "contradicts privacy=central"),
-        (["data.root=NOWHERE"], {}, "config key 'data.root'"),  # an explicit folder that does not exist
-        (["num_clients=5", "clients_per_round=9"], {}, "clients_per_round"),
-        (["placement=gpu"], {"CUDA_VISIBLE_DEVICES": ""}, "placement"),
-        (["dataset=fashion_mnist", "data.root=BROKEN"], {}, "train-images-idx3-ubyte"),
-        (["resume=true", "run_dir=NOWHERE"], {}, "cannot resume: run folder"),
-        (["resume=true", "run_dir=BROKEN"], {}, "is not a run folder"),
-        (["privacy=central", "privacy.noise_multiplier=0.3", "privacy.target_epsilon=0.1"], {}, "spent before round 1"),
+        (CLI, ["+dataset.colour=red"], {}, "dataset.colour"),
+        (IN_PROCESS, ["dataset.colour=red"], {}, "config key 'dataset.colour': no such key"),  # Hydra's own error
+        (CLI, ["train.lr=inf"], {}, "config key 'train.lr': got inf"),
+        (IN_PROCESS, ["privacy=central", "privacy.mode=none"], {}, "contradicts privacy=central"),
+        (IN_PROCESS, ["data.root=NOWHERE"], {}, "config key 'data.root'"),  # an explicit folder that does not exist
+        (IN_PROCESS, ["num_clients=5", "clients_per_round=9"], {}, "clients_per_round"),
+        (CLI, ["placement=gpu"], {"CUDA_VISIBLE_DEVICES": ""}, "placement"),
+        (CLI, ["dataset=fashion_mnist", "data.root=BROKEN"], {}, "train-images-idx3-ubyte"),
+        (IN_PROCESS, ["resume=true", "run_dir=NOWHERE"], {}, "cannot resume: run folder"),
+        (CLI, ["resume=true", "run_dir=BROKEN"], {}, "is not a run folder"),
+        (CLI, ["privacy=central", "privacy.noise_multiplier=0.3", "privacy.target_epsilon=0.1"], {}, "spent before round 1"),
         # a client larger than the machine: refused before Ray (which would idle round_timeout every round)
-        ([f"placement.num_cpus_per_client={max(4, (os.cpu_count() or 1) + 1)}"], {}, "placement.num_cpus_per_client"),
-        (["placement=cluster"], {}, "HOST:PORT"),  # never "whatever cluster runs here"
-        (["placement=cluster", "placement.address=auto"], {}, "HOST:PORT"),
-        (["placement=cluster", "placement.address=127.0.0.1:SILENT"], {}, "no Ray head answers"),
+        (IN_PROCESS, [f"placement.num_cpus_per_client={max(4, (os.cpu_count() or 1) + 1)}"], {},
+         "placement.num_cpus_per_client"),
+        (IN_PROCESS, ["placement=cluster"], {}, "HOST:PORT"),  # never "whatever cluster runs here"
+        (IN_PROCESS, ["placement=cluster", "placement.address=auto"], {}, "HOST:PORT"),
+        (CLI, ["placement=cluster", "placement.address=127.0.0.1:SILENT"], {}, "no Ray head answers"),
     ],
 )
-def test_bad_input_stops_before_any_work_with_one_line(tmp_path, overrides, env, expected):
+def test_bad_input_stops_before_any_work_with_one_line(tmp_path, monkeypatch, how, overrides, env, expected):
     broken = tmp_path / "broken" / "fashion-mnist"  # data.root is searched first: a truncated file there
     broken.mkdir(parents=True)
     for name in ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"):
@@ -83,6 +91,19 @@ def test_bad_input_stops_before_any_work_with_one_line(tmp_path, overrides, env,
     overrides = [o.replace("BROKEN", str(broken)).replace("NOWHERE", str(tmp_path / "typo")).replace("SILENT", silent)
                  for o in overrides]
     env = {"FEDPRIV_CACHE": str(tmp_path / "cache"), **env}  # no decoded copy from an earlier run
+    if how == IN_PROCESS:  # what scripts/simulate.py runs before Ray: compose every job, then preflight
+        from fedpriv.compose import compose_config
+        from fedpriv.errors import UserError
+        from fedpriv.launch import preflight
+
+        for key, value in env.items():
+            monkeypatch.setenv(key, value)
+        with pytest.raises(UserError) as refused:
+            preflight(compose_config([*overrides, f"run_dir={tmp_path / 'run'}"] if "resume=true" not in overrides
+                                     else overrides))
+        assert expected in str(refused.value) and "\n" not in str(refused.value)
+        assert not (tmp_path / "run" / "metrics.jsonl").exists()
+        return
     result = simulate(*overrides, f"hydra.run.dir={tmp_path}", env=env, timeout=120)
     assert result.returncode != 0
     errors = [line for line in result.stderr.splitlines() if line.startswith("fedpriv: error:")]

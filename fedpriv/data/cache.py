@@ -78,7 +78,7 @@ def source_key(version: str, *parts: Any, files: Sequence[Path] = ()) -> str:
 
 
 @contextlib.contextmanager
-def _file_lock(path: Path) -> Iterator[None]:
+def file_lock(path: Path) -> Iterator[None]:
     try:
         import fcntl
     except ImportError:  # not POSIX: builds may race, the rename keeps entries whole
@@ -136,7 +136,7 @@ def cached_arrays(
     with contextlib.suppress(FileNotFoundError, ValueError, OSError, KeyError):
         if entry.is_dir():
             return _open_entry(entry, mmap)
-    with _file_lock(root / f"{dataset}-{key}.lock"):
+    with file_lock(root / f"{dataset}-{key}.lock"):
         if entry.is_dir():
             try:
                 return _open_entry(entry, mmap)

