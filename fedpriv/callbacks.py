@@ -43,9 +43,6 @@ from fedpriv.task import dataset_for, evaluate, new_model, pick_device, secrets_
 from fedpriv.tracking import Trackers
 
 
-EXPOSURE_FILE = "exposure.json"  # the planted secrets' exposure (published: post-processing of the model)
-
-
 class Stateful(Protocol):
     def state_dict(self) -> dict[str, Any]: ...
 
@@ -222,15 +219,23 @@ class SecretExposure(Callback):
             "exposure_secret_bits": secrets.space.log2_size,
             "exposure_ceiling": min(c["mean_exposure_ceiling"] for c in ceilings.values()),
         }
+        caveat = (f"EXPOSURE RUN: model.pt was trained on {secrets.count} planted secrets ({ex.repeats} copies each, "
+                  "in some clients' rows): measure a configuration with exposure.secrets, ship a model trained without")
         summary.update(figures)
-        run_folder.write_json(state.run_dir / EXPOSURE_FILE, {
-            **figures, "method": "Carlini et al. 2019 (The Secret Sharer), rank among sampled candidates",
-            "candidates": ex.candidates, "ceilings": ceilings,
-            "model_includes_secrets": True,
+        summary["privacy_caveats"] = list(summary.get("privacy_caveats", [])) + [caveat]
+        section = {**figures, "method": "Carlini et al. 2019 (The Secret Sharer): rank of each secret's log-perplexity "
+                                        "among candidates drawn from the same law, -log2 of its p-value",
+                   "candidates": ex.candidates, "ceilings": ceilings, "model_includes_secrets": True}
+        run_folder.write_json(state.run_dir / run_folder.EXPOSURE, {
+            **section,
             "secrets": [{"holder": f"client-{int(h)}", "exposure": float(e), "log_perplexity": float(lp)}
                         for h, e, lp in zip(secrets.holders, measured["planted"], measured["log_perplexity_planted"])],
             "held_out": [float(e) for e in measured["held_out"]],
         })
+        if report is not None:  # beside the epsilon it is bounded by, as the canary audit is
+            report["exposure"] = section
+            report["caveats"] = list(report.get("caveats", [])) + [caveat]
+            run_folder.write_json(privacy_file, report)
 
 
 class Publishing(Callback):

@@ -53,6 +53,8 @@ SIMULATED_CLIENT_STATE = f"{OPERATOR_DIR}/simulated_client_state"
 # The local-DP monitor's per-client table (fedpriv.privacy.local_monitor): one line per round, appended and
 # fsynced before the round is checkpointed; checkpoint.pt references it (round, line count).
 LOCAL_MONITOR_JOURNAL = f"{OPERATOR_DIR}/local_monitor.jsonl"
+# With exposure.secrets: the planted secrets' exposure in model.pt (fedpriv.audit.exposure); published.
+EXPOSURE = "exposure.json"
 # Written after the run by scripts/assess_risk.py (fedpriv.risk): membership-attack figures, raw.
 RISK_ASSESSMENT = f"{OPERATOR_DIR}/risk_assessment.json"
 # Files whose presence means a run already released something into the folder.

@@ -42,6 +42,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--reference-fraction", type=float, default=0.5,
                    help="share of the non-member rows given to the reference models (never scored)")
     p.add_argument("--max-members", type=int, default=10_000, help="members scored (a uniform sample)")
+    p.add_argument("--max-users", type=int, default=2_000,
+                   help="users scored on each side of the per-user attack (data sets whose clients are people)")
     p.add_argument("--seed", type=int, default=0, help="row split, member sample, reference initialisation")
     p.add_argument("--threads", type=int, default=1,
                    help="torch CPU threads (1: far faster for small models on a shared machine)")
@@ -57,8 +59,8 @@ def check(args: argparse.Namespace) -> None:
         raise UserError("--reference-fraction must be in (0, 1)")
     if args.threads < 1:
         raise UserError("--threads must be >= 1")
-    if args.max_members < 1:
-        raise UserError("--max-members must be >= 1")
+    if args.max_members < 1 or args.max_users < 1:
+        raise UserError("--max-members and --max-users must be >= 1")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -71,7 +73,8 @@ def main(argv: list[str] | None = None) -> int:
         fail(str(exc))
         raise  # unreachable
     options = RiskOptions(reference_models=args.reference_models, reference_epochs=args.reference_epochs,
-                          reference_fraction=args.reference_fraction, max_members=args.max_members, seed=args.seed)
+                          reference_fraction=args.reference_fraction, max_members=args.max_members,
+                          max_users=args.max_users, seed=args.seed)
     torch.set_num_threads(args.threads)
     t0 = time.time()
     assessment = assess(run, options, sampler_seed(run.rc))

@@ -2,8 +2,11 @@
 
     FEDPRIV_DATA=/work/shared/data PYTHONPATH=. python scripts/benchmark_dp_sgd.py
     python scripts/benchmark_dp_sgd.py --rows 2048 --batch-size 256 --repeats 5 --threads 1
+    python scripts/benchmark_dp_sgd.py --workload sent140_lora --rows 1024 --batch-size 64
 
-The CNN that ``model=auto`` picks for Fashion-MNIST trains one epoch on the same rows, plainly
+The CNN that ``model=auto`` picks for Fashion-MNIST (``--workload cnn``), or the LoRA adapters of the
+Sent140 transformer (``--workload sent140_lora``: 2 Llama layers, rank 4 on q/v, and the head), trains one
+epoch on the same rows, plainly
 (``clients/training.py``) and with DP-SGD (``clients/dp_sgd.py``: Poisson batches, per-example
 clipping, noise) in every mode. All variants run in one process, interleaved (repeat r runs every
 variant once), so machine load hits them alike; the table gives the median seconds per 1,000
@@ -33,18 +36,28 @@ from fedpriv.compose import compose_config  # noqa: E402
 from fedpriv.task import dataset_for, new_model  # noqa: E402
 
 
+WORKLOADS = {"cnn": ["dataset=fashion_mnist", "model=cnn"],
+             "sent140_lora": ["dataset=sent140", "model=transformer"]}
+
+
 def manual_clipped_step(model, x, y, max_grad_norm: float, lr: float) -> list[torch.Tensor]:
-    """Parameters after one SGD step on the mean of per-example clipped gradients (by hand)."""
-    total = [torch.zeros_like(p) for p in model.parameters()]
+    """Trainable parameters after one SGD step on the mean of per-example clipped gradients (by hand)."""
+    params = trainable(model)
+    total = [torch.zeros_like(p) for p in params]
     for i in range(len(x)):
         model.zero_grad()
         F.cross_entropy(model(torch.from_numpy(x[i : i + 1])), torch.from_numpy(y[i : i + 1]).long()).backward()
-        grads = [p.grad.detach().clone() for p in model.parameters()]
+        grads = [p.grad.detach().clone() for p in params]
         norm = float(torch.sqrt(sum((g**2).sum() for g in grads)))
         factor = min(1.0, max_grad_norm / (norm + 1e-6))
         for t, g in zip(total, grads):
             t += factor * g
-    return [p.detach() - lr * t / len(x) for p, t in zip(model.parameters(), total)]
+    return [p.detach() - lr * t / len(x) for p, t in zip(params, total)]
+
+
+def trainable(model) -> list[torch.Tensor]:
+    """What DP-SGD clips and noises: every parameter of the CNN, the adapters and head of a LoRA model."""
+    return [p for p in model.parameters() if p.requires_grad]
 
 
 def check_mode(rc, mode: str, x: np.ndarray, y: np.ndarray, physical: int, device: str) -> tuple[bool, str]:
@@ -57,7 +70,7 @@ def check_mode(rc, mode: str, x: np.ndarray, y: np.ndarray, physical: int, devic
                               sampling_seed=1, noise_seed=2, device=device)
     except DPSGDError as exc:
         return False, str(exc).splitlines()[0][:80]
-    err = max(float((p.detach().cpu() - e).abs().max()) for p, e in zip(result.model.parameters(), expected))
+    err = max(float((p.detach().cpu() - e).abs().max()) for p, e in zip(trainable(result.model), expected))
     return err < 1e-5, f"max |error| {err:.1e}"
 
 
@@ -74,6 +87,7 @@ def _device_name(device: str) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--workload", choices=WORKLOADS, default="cnn", help="the model and data (see above)")
     ap.add_argument("--rows", type=int, default=2048, help="training rows (one client's share)")
     ap.add_argument("--batch-size", type=int, default=256, help="logical (expected Poisson) batch size")
     ap.add_argument("--physical", type=int, default=256, help="max_physical_batch_size")
@@ -85,11 +99,12 @@ def main() -> None:
     warnings.filterwarnings("ignore")
     torch.set_num_threads(args.threads)
 
-    rc = compose_config(["dataset=fashion_mnist", "model=cnn"])
+    rc = compose_config(WORKLOADS[args.workload])
     ds = dataset_for(rc)
-    x, y = ds.x_train[: args.rows].astype(np.float32), ds.y_train[: args.rows]
+    x, y = np.asarray(ds.x_train[: args.rows]), np.asarray(ds.y_train[: args.rows])
     modes = [m for m in args.modes.split(",") if m]
-    print(f"Fashion-MNIST, model=cnn ({sum(p.numel() for p in new_model(rc).parameters()):,} parameters), "
+    print(f"{args.workload}: {' '.join(WORKLOADS[args.workload])} ({sum(p.numel() for p in trainable(new_model(rc))):,} "
+          "trained parameters), "
           f"{len(x)} rows, batch {args.batch_size} (DP: Poisson, expected), physical {args.physical}, "
           f"{args.threads} thread(s), torch {torch.__version__}, device {_device_name(args.device)}", flush=True)
 

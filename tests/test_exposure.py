@@ -148,6 +148,10 @@ def test_a_central_dp_run_reports_exposure_beside_its_ceiling(tmp_path, flower_r
     assert report["ceilings"]["central"]["group_of_copies"] == 1
     assert summary["exposure_ceiling"] == pytest.approx(
         exposure.expected_exposure_ceiling(float(privacy["epsilon"]), float(privacy["delta"]), 200))
+    # beside the epsilon in privacy.json, with the caveat that this model holds the secrets
+    assert privacy["exposure"]["exposure_planted_mean"] == summary["exposure_planted_mean"]
+    assert any(c.startswith("EXPOSURE RUN") for c in privacy["caveats"])
+    assert any(c.startswith("EXPOSURE RUN") for c in summary["privacy_caveats"])
 
 
 @pytest.mark.parametrize("overrides, key", [
@@ -159,3 +163,56 @@ def test_a_central_dp_run_reports_exposure_beside_its_ceiling(tmp_path, flower_r
 def test_impossible_secrets_are_refused_naming_the_key(overrides, key):
     with pytest.raises(ConfigError, match=f"config key '{key}'"):
         compose_config(overrides)
+
+
+# ------------------------------------------------------------------ membership per user
+
+
+def test_a_users_score_is_minus_the_mean_loss_over_its_rows():
+    from fedpriv.risk.users import user_scores
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 4)
+    x = np.random.default_rng(0).normal(size=(9, 3)).astype(np.float32)
+    y = np.array([0, 1, 2, 3, 0, 1, 2, 3, 0])
+    owners = np.array([0, 0, 1, 1, 1, 2, 2, 2, 2])
+    with torch.no_grad():
+        losses = [float(torch.nn.functional.cross_entropy(model(torch.from_numpy(x[i:i + 1])), torch.tensor(y[i:i + 1])))
+                  for i in range(9)]
+    expected = [-np.mean([losses[i] for i in range(9) if owners[i] == u]) for u in range(3)]
+    np.testing.assert_allclose(user_scores(model, x, y, owners), expected, rtol=1e-6)
+
+
+@needs_sent140
+@pytest.mark.parametrize("mode", ["central", "local"])
+def test_a_sent140_run_gets_a_per_user_attack_under_the_ceiling_its_unit_allows(tmp_path, flower_run_identity, mode):
+    """Members are the users that took part, non-members held-out test users (and clients that never took part,
+    when known); a user-level guarantee bounds the attack directly, an example-level one by group privacy."""
+    from conftest import InProcessGrid
+
+    from fedpriv.federation import run_federation
+    from fedpriv.risk import RiskOptions, assess, auc_ceiling, load_run
+
+    privacy = (["privacy=central", "privacy.noise_multiplier=1.0", "privacy.delta=1e-5"] if mode == "central" else
+               ["privacy=local", "privacy.local.target_epsilon=null", "privacy.local.noise_multiplier=1.2",
+                "privacy.local.delta=1e-3", "train.batch_size=4"])
+    rc = compose_config(["dataset=sent140", "model=transformer", "model.layers=1", "model.dim=32", "model.heads=2",
+                         "clients_per_round=6", "num_rounds=2", *privacy, "tracking.progress=false", f"run_dir={tmp_path}"])
+    run_federation(InProcessGrid(2), rc)
+    report = json.loads((tmp_path / "privacy.json").read_text())
+    result = assess(load_run(tmp_path), RiskOptions(reference_models=0, max_members=500, max_users=40))
+    users = result["attacks"]["user_loss"]
+    assert users["unit"] == "user" and 0 <= users["auc"] <= 1
+    if mode == "local":  # who took part is known from the ledgers: members are exactly them
+        took_part = [r for r in report["local"]["clients"] if r["rounds_participated"] > 0]
+        assert users["members"] == len(took_part)
+        assert users["nonmember_sources"] == {"clients that never took part": 40, "held-out test users": 40}
+        (ceiling,) = users["ceilings"]
+        r, eps, delta = users["rows_per_user_max"], float(report["local"]["epsilon_max"]), float(report["local"]["delta"])
+        assert ceiling["epsilon"] == pytest.approx(r * eps) and r > 1
+        assert ceiling["delta"] == pytest.approx(min(1.0, r * math.exp((r - 1) * eps) * delta))
+    else:  # hidden cohorts: every client a member (a sample of 40); the run's own epsilon bounds it
+        assert users["members"] == 40 and users["nonmember_sources"]["held-out test users"] == 40
+        (ceiling,) = users["ceilings"]
+        assert ceiling["epsilon"] == float(report["epsilon"])
+        assert ceiling["auc"] == pytest.approx(auc_ceiling(float(report["epsilon"]), float(report["delta"])))

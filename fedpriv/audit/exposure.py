@@ -108,7 +108,7 @@ def secret_space(task: str, tokenizer_json: str, seq_len: int, num_classes: int,
         specials = {vocab[s] for s in SPECIALS if s in vocab}
         alphabet = np.array(sorted(set(vocab.values()) - specials), np.int64)
         return SecretSpace(task, alphabet, length, seq_len, num_classes, np.zeros(0, np.int64), PAD_ID,
-                           int(vocab[EOS]), )
+                           int(vocab[EOS]))
     if task == "next_char":
         missing = [c for c in LETTERS + " " if c not in vocab]
         if missing:

@@ -43,6 +43,8 @@ class FederatedDataset:
             row; otherwise ``None``.
         natural_names: client id -> human readable name, or ``None``.
         vocab_size: size of the vocabulary (Shakespeare's characters, Sent140's tokens), else ``None``.
+        test_user_ids: for data sets that hold whole users out for test (Sent140), an int64 id per
+            test row naming its held-out user (none of them a client), else ``None``.
         tokenizer: the JSON of the :mod:`tokenizers` tokenizer that made the ids (text data sets), or
             ``None``; saved beside a language model so that its ids mean the same (:mod:`.text`).
     """
@@ -59,6 +61,7 @@ class FederatedDataset:
     natural_names: tuple[str, ...] | None
     vocab_size: int | None = None
     tokenizer: str | None = None
+    test_user_ids: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         if self.task not in TASKS:
@@ -81,6 +84,8 @@ class FederatedDataset:
                 f"{self.name}: natural_ids has {len(self.natural_ids)} entries for "
                 f"{len(self.y_train)} training rows"
             )
+        if self.test_user_ids is not None and len(self.test_user_ids) != len(self.y_test):
+            raise ValueError(f"{self.name}: test_user_ids has {len(self.test_user_ids)} entries for {len(self.y_test)} test rows")
 
     @property
     def num_natural_clients(self) -> int | None:

@@ -33,7 +33,7 @@ from .cache import cached_arrays, source_key
 from .locate import candidate_dirs, find_files, not_found
 from .text import encode_padded, tokenizer_digest, train_bpe, vocabulary_size
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: test_user_ids
 FILE = "all_data_niid_0_keep_30_test_9.json"
 SEQ_LEN = 48            # BPE tokens per tweet incl. [EOS]; the public pool's longest tweet needs 46
 VOCAB_SIZE = 2000       # of the default BPE tokenizer
@@ -110,6 +110,7 @@ def load_sent140(root: str | os.PathLike | None = None, tokenizer: str | None = 
         np.save(out / "y_train.npy", np.array([v for _, ys in pools["clients"] for v in ys], np.int64))
         np.save(out / "x_test.npy", encode_padded(tokenizer, test_texts, SEQ_LEN))
         np.save(out / "y_test.npy", np.array([v for _, ys in pools["test"] for v in ys], np.int64))
+        np.save(out / "test_user_ids.npy", np.repeat(np.arange(len(pools["test"])), [len(ys) for _, ys in pools["test"]]))
         np.save(out / "natural_ids.npy",
                 np.repeat(np.arange(len(pools["clients"])), [len(ys) for _, ys in pools["clients"]]))
         return {"natural_names": pools["names"], "public_tweets": sum(len(ys) for _, ys in pools["public"])}
@@ -121,5 +122,5 @@ def load_sent140(root: str | os.PathLike | None = None, tokenizer: str | None = 
         x_test=arrays["x_test"], y_test=arrays["y_test"],
         num_classes=2, input_shape=(SEQ_LEN,), task="text_classification",
         natural_ids=arrays["natural_ids"], natural_names=tuple(info["natural_names"]),
-        vocab_size=vocabulary_size(tokenizer), tokenizer=tokenizer,
+        vocab_size=vocabulary_size(tokenizer), tokenizer=tokenizer, test_user_ids=arrays["test_user_ids"],
     )

@@ -83,6 +83,8 @@ def outputs_section(mode: str, published_round_keys: Iterable[str], opt_in_track
         "model.pt": "published: the final model (a release covered by the guarantee)" if private
                     else "published: the final model",
         "config.yaml": "published: the run's configuration",
+        "exposure.json": "published, only with exposure.secrets: the exposure of synthetic secrets planted in some "
+                         "clients' rows, measured on model.pt (post-processing of the model and of the secrets)",
         "trackers": "published: what metrics.jsonl and summary.json hold"
                     + (", plus operator-only diagnostics (tracking.operator_diagnostics=true)" if opt_in_trackers else ""),
         "operator_only/": "OPERATOR ONLY, not covered by the guarantee: diagnostics.jsonl (raw per-round figures), "

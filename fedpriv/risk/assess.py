@@ -25,6 +25,7 @@ from fedpriv.task import dataset_for, new_model
 from .attacks import lira_offline_scores, loss_scores, per_example, train_reference
 from .ceiling import DEFAULT_FPRS, ceilings, combined, guarantees_of
 from .membership import MembershipRows, membership_rows, participation
+from .users import user_level_attack
 from .metrics import attack_figures, fixed_threshold_figures
 
 log = logging.getLogger("fedpriv.risk")
@@ -36,7 +37,7 @@ class RiskOptions:
 
     ``reference_models``: LiRA's reference models (0: loss attack only); ``reference_epochs``: their
     central training epochs; ``reference_fraction``: share of the non-member rows given to them as the
-    attacker's auxiliary data (never scored); ``max_members``: members scored (a uniform sample);
+    attacker's auxiliary data (never scored); ``max_members``: members scored (a uniform sample); ``max_users``: users per side of the per-user attack;
     ``seed``: the row split, the sample and the reference models' initialisation.
     """
 
@@ -44,6 +45,7 @@ class RiskOptions:
     reference_epochs: int = 5
     reference_fraction: float = 0.5
     max_members: int = 10_000
+    max_users: int = 2_000  # users scored on each side of the per-user attack (data sets whose clients are people)
     seed: int = 0
     fprs: tuple[float, ...] = DEFAULT_FPRS
 
@@ -111,6 +113,16 @@ def audit_figures(report: dict[str, Any] | None) -> dict[str, Any] | None:
     }
 
 
+def exposure_figures(run_dir: Path) -> dict[str, Any] | None:
+    """The planted secrets' exposure (``exposure.json``, published: post-processing), if the run planted any."""
+    path = run_dir / run_folder.EXPOSURE
+    if not path.exists():
+        return None
+    ex = json.loads(path.read_text())
+    return {k: ex.get(k) for k in ("exposure_secrets", "exposure_repeats", "exposure_planted_mean", "exposure_planted_max",
+                                   "exposure_held_out_mean", "exposure_ceiling", "exposure_measurable_bits")}
+
+
 def assess(run: LoadedRun, options: RiskOptions, sampler_seed: int | None = None) -> dict[str, Any]:
     """The full (operator-only) assessment of ``run``. ``sampler_seed``: the run's client-sampler seed
     when it was seeded (the launcher knows it), to replay who was sampled; None otherwise."""
@@ -143,6 +155,10 @@ def assess(run: LoadedRun, options: RiskOptions, sampler_seed: int | None = None
         lira.update(extra, reference_models=options.reference_models, reference_epochs=options.reference_epochs,
                     reference_rows=len(yr))
         attacks["lira_offline"] = lira
+    users = user_level_attack(rc, run.model, part, guarantees_of(run.report), options.fprs, options.max_users,
+                              options.seed)
+    if users is not None:  # clients are people (natural ids): can one tell that a user's data trained the model?
+        attacks["user_loss"] = users
 
     sections = [ceilings(g, options.fprs) for g in guarantees_of(run.report)]
     f = part.expected_never_sampled_fraction
@@ -168,6 +184,7 @@ def assess(run: LoadedRun, options: RiskOptions, sampler_seed: int | None = None
         "guarantees": sections,
         "ceiling": combined(sections),
         "audit": audit_figures(run.report),
+        "exposure": exposure_figures(run.run_dir),
         "attacks": attacks,
         "member_dilution_note": (
             None if part.clients is not None else

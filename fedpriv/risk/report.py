@@ -29,6 +29,15 @@ UNIT_NOTE = (
 )
 
 
+USER_METHOD = (
+    "user-level membership inference (clients that are people: Sent140 users, Shakespeare roles): score = - the "
+    "model's mean cross-entropy over all of a user's rows; members = clients that took part, scored on the rows they "
+    "trained on; non-members = the held-out test users and, when who took part is known, the clients that never did. "
+    "Its ceilings: a user-level guarantee bounds it directly; an example-level one only by group privacy over the "
+    "largest scored user's rows (r eps, r e^((r-1) eps) delta)"
+)
+
+
 def method_text(options: dict[str, Any]) -> str:
     lira = (
         f"; offline LiRA with one variance (Carlini et al., S&P 2022): {options['reference_models']} reference models "
@@ -48,7 +57,7 @@ def method_text(options: dict[str, Any]) -> str:
 
 
 def _empirical(assessment: dict[str, Any]) -> dict[str, Any]:
-    keep = ("members", "nonmembers", "auc", "tpr_at_fpr", "tpr_at_fpr_notes", "balanced_accuracy", "advantage")
+    keep = ("members", "nonmembers", "auc", "tpr_at_fpr", "tpr_at_fpr_notes", "balanced_accuracy", "advantage", "unit")
     return {name: {k: v for k, v in fig.items() if k in keep} for name, fig in assessment["attacks"].items()}
 
 
@@ -60,9 +69,12 @@ def public_section(assessment: dict[str, Any], publish: bool) -> dict[str, Any]:
         "ceilings": assessment["guarantees"],
         "ceiling": assessment["ceiling"],
         "audit": assessment.get("audit"),  # the canary audit's published figures (user level), if any
+        "exposure": assessment.get("exposure"),  # planted secrets' exposure (published by the run), if any
         "operator_only": f"{run_folder.RISK_ASSESSMENT}: the attack's figures (raw, not covered by the guarantee)",
         "empirical_published": bool(publish),
     }
+    if "user_loss" in assessment["attacks"]:
+        section["user_method"] = USER_METHOD
     if publish:
         section["empirical"] = _empirical(assessment)
         section["empirical_caveat"] = (
@@ -110,11 +122,20 @@ def format_table(assessment: dict[str, Any]) -> str:
         found = (f"LB {_f(audit['lower_bound'])}, est. {_f(audit['estimate_final_model'])} final"
                  f" / {_f(audit['estimate_all_rounds'])} all rounds")
         lines.append(("canary audit", "user", found, "", *["" for _ in fprs], ""))
-    names = {"loss_threshold": "attack: loss threshold", "lira_offline": "attack: LiRA offline"}
+    exposure = assessment.get("exposure")
+    if exposure:
+        found = (f"mean {_f(exposure['exposure_planted_mean'])} bits (held-out {_f(exposure['exposure_held_out_mean'])}), "
+                 f"ceiling {_f(exposure['exposure_ceiling'])}")
+        lines.append((f"exposure: {exposure['exposure_secrets']} secrets", "secret", found, "", *["" for _ in fprs], ""))
+    names = {"loss_threshold": "attack: loss threshold", "lira_offline": "attack: LiRA offline",
+             "user_loss": "attack: mean loss per user"}
     for name, fig in assessment["attacks"].items():
         label = names.get(name, name) + (f" ({fig['reference_models']} refs)" if "reference_models" in fig else "")
-        lines.append((label, "example", f"{fig['members']} m / {fig['nonmembers']} nm", _f(fig["auc"]),
+        lines.append((label, fig.get("unit", "example"), f"{fig['members']} m / {fig['nonmembers']} nm", _f(fig["auc"]),
                       *[_f(fig["tpr_at_fpr"][k]) for k in fprs], _f(fig["balanced_accuracy"])))
+        for g in fig.get("ceilings", []):  # the user attack's own ceilings (group privacy under example-level DP)
+            lines.append((f"  ceiling for it: {g['guarantee']}", g["unit"], f"{_f(g['epsilon'])} ({_f(g['delta'])})",
+                          _f(g["auc"]), *[_f(g["tpr_at_fpr"][k]) for k in fprs], _f(g["balanced_accuracy"])))
     widths = [max(len(str(row[i])) for row in lines) for i in range(len(head))]
     text = "\n".join("  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip() for row in lines)
     notes = [f"who took part: {assessment['participation']['source']}"]
