@@ -15,6 +15,9 @@ export FEDPRIV_DATA ?= $(if $(wildcard $(SHARED_DATA)),$(SHARED_DATA),)
 export WANDB_MODE ?= offline
 export HF_HUB_OFFLINE ?= 1
 ARGS ?=
+# The suite runs on 2 pytest-xdist workers, one per core of the 2-core machine (every test is
+# written to pass beside another CPU-bound process). TEST_WORKERS=0 runs it in one process.
+TEST_WORKERS ?= 2
 
 .PHONY: run test test-fast install clean bench
 
@@ -36,10 +39,10 @@ run: $(STAMP)
 	$(PY) scripts/simulate.py experiment=quickstart $(ARGS)
 
 test: $(STAMP)
-	$(PY) -m pytest -q $(ARGS)
+	$(PY) -m pytest -q -n $(TEST_WORKERS) $(ARGS)
 
 test-fast: $(STAMP)
-	$(PY) -m pytest -q -m "not slow" $(ARGS)
+	$(PY) -m pytest -q -n $(TEST_WORKERS) -m "not slow" $(ARGS)
 
 clean:
 	rm -rf $(VENV) outputs multirun wandb .pytest_cache

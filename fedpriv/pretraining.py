@@ -129,6 +129,9 @@ def write_checkpoint(out: Path, dataset: str, *, objective: str | None = None, r
     model, history = pretrain(ids, labels, ds.tokenizer, int(ds.input_shape[0]), layers=layers, dim=dim, heads=heads,
                               epochs=epochs, batch_size=batch_size, lr=lr, seed=seed)
     out.mkdir(parents=True, exist_ok=True)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # one small shard: a progress bar is only noise in a run's log
     model.save_pretrained(out)
     (out / TOKENIZER_FILE).write_text(ds.tokenizer, encoding="utf-8")
     kept = min(range(len(history)), key=lambda i: history[i][1])
