@@ -464,6 +464,7 @@ def test_auto_grad_sample_mode_follows_the_measured_choice_and_trains_with_per_l
     assert choose_grad_sample_mode("auto", "cuda", "flat") == "hooks"  # 4.0x vs ghost's 5.6x on an H200
     assert choose_grad_sample_mode("auto", "cpu", "per_layer") == "hooks"  # ghost clips flat only
     assert choose_grad_sample_mode("ew", "cuda", "flat") == "ew"  # an explicit choice is kept
+    assert choose_grad_sample_mode("auto", "cpu", "flat", adapters_only=True) == "hooks"  # LoRA: 1.11x vs ghost 1.71x
     x = np.random.default_rng(0).normal(size=(40, 8)).astype(np.float32)
     y = np.arange(40) % 2
     model = torch.nn.Sequential(torch.nn.Linear(8, 2))
