@@ -188,22 +188,26 @@ class WorkerGuard(Callback):
         self.pool_size, self.wait = pool_size, wait  # pool_size: Flower's count of workers (Ray is up by then)
 
     def after_round(self, state: RunState, result: RoundResult) -> bool:
-        rec = result.record
+        rec, killed = result.record, []
         if rec.get("num_dropped", 0) > 0:
             killed = proctree.kill_all(stalled_workers())
             if killed:
                 log.warning("round %d: %d worker(s) hung past the round's timeout were stopped; Ray starts "
                             "replacements", result.server_round, len(killed))
         if rec.get("num_dropped", 0) > 0 or rec.get("num_failed", 0) > 0:
-            self.wait_for_workers(result.server_round)
+            self.wait_for_workers(result.server_round, gone=set(killed))
         return False
 
-    def wait_for_workers(self, rnd: int) -> None:
+    def wait_for_workers(self, rnd: int, gone: set[int] = frozenset()) -> None:
+        """Wait until Flower's pool of workers runs again; ``gone``: PIDs just killed, which do not
+        count even while their process is still listed (dying), so that the wait covers Ray's restart
+        of their actors and not only the corpse's last moments."""
         expected, deadline = self.pool_size(), time.monotonic() + self.wait
-        while len(workers()) < expected:
+        alive = lambda: len(set(workers()) - gone)  # noqa: E731
+        while alive() < expected:
             if time.monotonic() > deadline:
                 log.warning("after round %d: only %d of %d workers run again after %g s; going on",
-                            rnd, len(workers()), expected, self.wait)
+                            rnd, alive(), expected, self.wait)
                 return
             time.sleep(0.2)
 
