@@ -23,7 +23,11 @@ class Stop:
 
 
 class Aggregator(Protocol):
-    """Server-side aggregation, round by round, inside fedpriv's engine."""
+    """Server-side aggregation, round by round, inside fedpriv's engine.
+
+    An aggregator whose round is more than one exchange (secure aggregation) also has
+    ``exchange(population, server_round, cohort, arrays, config) -> (messages, replies, missing)``:
+    it talks to the cohort itself and returns the exchange whose replies the engine counts."""
 
     def begin_round(self, server_round: int, arrays: ArrayRecord, grid: Any) -> dict[str, Any] | Stop:
         """Extra config for this round's clients (e.g. the clip norm), or :class:`Stop`."""

@@ -21,6 +21,7 @@ from clients.analytics import ShareValidation, answer_query
 from clients.cohort import train_share
 from clients.identity import client_key
 from clients.local_update import run_local_update
+from clients.secagg_share import secagg_stage
 from fedpriv import fault_gate
 from fedpriv.analytics import QUERY_KEY
 from fedpriv.client_state import ClientStateStore, node_state_dir
@@ -61,6 +62,8 @@ def client_store(rc: RunConfig, cfg: ConfigRecord, node_config: dict) -> ClientS
 def train_handler(msg: Message, context: Context) -> Message:
     if QUERY_KEY in msg.content["config"]:
         return query_handler(msg, context)
+    if "secagg-stage" in msg.content["config"]:
+        return secagg_handler(msg, context)
     if "client-ids" in msg.content["config"]:
         return share_handler(msg, context)
     try:
@@ -108,4 +111,19 @@ def share_handler(msg: Message, context: Context) -> Message:
         return Message(content, reply_to=msg)
     except Exception as exc:  # noqa: BLE001 - the whole share failed: the server counts all its clients
         log.warning("share failed: %s", traceback.format_exc())
+        return _error_reply(msg, ERROR_CLIENT, f"{type(exc).__name__}: {exc}")
+
+
+def secagg_handler(msg: Message, context: Context) -> Message:
+    """privacy=distributed: one stage of secure aggregation for one client or a share (clients.secagg_share)."""
+    try:
+        cfg = msg.content["config"]
+        rc = decode_config(str(cfg["task"]))
+        torch.set_num_threads(1)
+        node_config = dict(context.node_config)
+        arrays = msg.content["arrays"] if "arrays" in msg.content else None
+        content = secagg_stage(rc, cfg, arrays, node_config, client_store(rc, cfg, node_config))
+        return Message(content, reply_to=msg)
+    except Exception as exc:  # noqa: BLE001 - the server counts the stage's clients as dropped
+        log.warning("secure-aggregation stage failed: %s", traceback.format_exc())
         return _error_reply(msg, ERROR_CLIENT, f"{type(exc).__name__}: {exc}")

@@ -39,6 +39,7 @@ from fedpriv.config_schema import (
     group_schemas,
 )
 from fedpriv.data import DATASETS, SCHEMES
+from fedpriv.distributed_config import check_distributed
 from fedpriv.errors import ConfigError
 from fedpriv.models import MODEL_NAMES
 from fedpriv.sampling import SCHEMES as SAMPLINGS
@@ -203,12 +204,10 @@ def check_config(rc: RunConfig, explicit: set[str] | None = None) -> None:
         f"must be >= 0, got {pr.noise_multiplier}",
     )
     _require(pr.delta is None or 0 < pr.delta < 1, "privacy.delta", f"must be in (0, 1), got {pr.delta}")
-    _require(
-        pr.noise_cohort_size is None or pr.noise_cohort_size >= 1,
-        "privacy.noise_cohort_size",
-        f"must be >= 1, got {pr.noise_cohort_size}",
-    )
+    _require(pr.noise_cohort_size is None or pr.noise_cohort_size >= 1, "privacy.noise_cohort_size",
+             f"must be >= 1, got {pr.noise_cohort_size}")
     _check_participation(rc)
+    check_distributed(rc)
     lo = pr.local
     _one_of(lo.grad_sample_mode, ("auto", *GRAD_SAMPLE_MODES), "privacy.local.grad_sample_mode")
     _one_of(lo.clipping, ("flat", "per_layer"), "privacy.local.clipping")

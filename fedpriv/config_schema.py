@@ -138,9 +138,30 @@ class LocalPrivacyConfig:
     expected_rounds: Optional[int] = None
 
 
-PRIVACY_MODES = ("none", "central", "local", "central_local")  # the privacy group's options
+@dataclass
+class DistributedPrivacyConfig:
+    """Distributed DP (privacy=distributed): each client clips, encodes and noises its own update, and
+    secure aggregation (SecAgg+) shows the server only the sum (fedpriv/privacy/distributed.py,
+    fedpriv/secagg.py)."""
+
+    bits: int = 20  # b: every message and the sum live modulo 2^b (what a reply weighs: b bits a number)
+    # t: the fewest clients whose vectors a released sum holds; a round with fewer is dropped, never
+    # released. Each client's noise share is calibrated so that any t survivors carry the whole noise.
+    # None: half the expected cohort (clients_per_round), at least 2.
+    min_survivors: Optional[int] = None
+    colluders: int = 0  # c: clients that may collude with the server; their own noise shares are not counted
+    neighbours: int = 16  # k: SecAgg+'s neighbourhood (each client's secrets are shared among k others)
+    threshold: Optional[int] = None  # r: shares that recover a secret; None: k // 2 + 1 (a majority)
+    # The observer the target epsilon is for: released_model (anyone who sees the models but not who took
+    # part: amplified by Poisson sampling) | server (the aggregator, which knows each round's cohort: no
+    # amplification, a client counted in every round it can join). Both figures are always reported.
+    calibrate_for: str = "released_model"
+
+
+PRIVACY_MODES = ("none", "central", "local", "central_local", "distributed")  # the privacy group's options
 _CENTRAL = ("central", "central_local")
-_DP = ("central", "local", "central_local")
+_NOISED = ("central", "central_local", "distributed")  # a run-level (user-level) budget and clip norm
+_DP = ("central", "local", "central_local", "distributed")
 _LOCAL = ("local", "central_local")
 
 
@@ -151,15 +172,15 @@ class PrivacyConfig:
     mode: str = field(default="none", metadata=SELECTS)  # none | central | local | central_local
     # Central budget for the whole run: the noise is calibrated so that epsilon reaches it at the
     # last round. inf: clip, do not noise (a reference point with NO privacy guarantee).
-    target_epsilon: Optional[float] = read_if("mode", *_CENTRAL, default=None)
+    target_epsilon: Optional[float] = read_if("mode", *_NOISED, default=None)
     # Set instead of target_epsilon to fix the noise (the target, if set, then caps the run).
     noise_multiplier: Optional[float] = read_if("mode", *_CENTRAL, default=None)
-    delta: Optional[float] = read_if("mode", *_CENTRAL, default=None)  # None: min(1e-5, 1 / num_clients^1.1)
+    delta: Optional[float] = read_if("mode", *_NOISED, default=None)  # None: min(1e-5, 1 / num_clients^1.1)
     # server | client: clients clip before sending (same noise, same accounting; under
     # central_local the client clips its DP-SGD update too).
     clip_on: str = read_if("mode", *_CENTRAL, default="server")
     clipping: str = read_if("mode", *_CENTRAL, default="fixed")  # fixed | adaptive (Andrew et al. 2021)
-    clip_norm: float = read_if("mode", *_CENTRAL, default=1.0)  # L2 bound of one client's update (initial if adaptive)
+    clip_norm: float = read_if("mode", *_NOISED, default=1.0)  # L2 bound of one client's update (initial if adaptive)
     target_unclipped_quantile: float = read_if("clipping", "adaptive", default=0.5)  # fraction left unclipped
     clip_lr: float = read_if("clipping", "adaptive", default=0.2)  # geometric learning rate of the norm
     clipped_count_stddev: Optional[float] = read_if("clipping", "adaptive", default=None)  # None: expected cohort / 20
@@ -180,8 +201,9 @@ class PrivacyConfig:
     # tree and bandmf need clipping=fixed and schedule=constant.
     mechanism: str = read_if("mode", *_CENTRAL, default="gaussian")
     bands: Optional[int] = read_if("mechanism", "bandmf", default=None)  # None: cyclic_groups (the most allowed)
-    accountant: str = read_if("mode", *_DP, default="pld")  # pld (reported; tight) | rdp: the run's ledger and every client's
+    accountant: str = read_if("mode", "central", "local", "central_local", default="pld")  # pld (reported; tight) | rdp: the run's ledger and every client's
     local: LocalPrivacyConfig = read_if("mode", *_LOCAL, default_factory=LocalPrivacyConfig)
+    distributed: DistributedPrivacyConfig = read_if("mode", "distributed", default_factory=DistributedPrivacyConfig)
 
 
 @dataclass

@@ -236,9 +236,13 @@ def run_rounds(state: RunState, population: Population, aggregator: Aggregator, 
         if population.uses_shares:
             extra = aggregator.share_config(rnd)
         cohort = population.sample(rnd)
-        messages = population.messages(cohort, rnd, state.arrays, {**client_config, **extra})
+        exchange = getattr(aggregator, "exchange", None)  # a multi-stage round (secure aggregation)
         try:
-            replies, missing = population.dispatch(messages)
+            if exchange is None:
+                messages = population.messages(cohort, rnd, state.arrays, {**client_config, **extra})
+                replies, missing = population.dispatch(messages)
+            else:
+                messages, replies, missing = exchange(population, rnd, cohort, state.arrays, {**client_config, **extra})
         except RoundInterrupted:
             state.stop_reason = "interrupted"
             log.warning("round %d interrupted: abandoned, not aggregated nor recorded", rnd)

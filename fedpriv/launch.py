@@ -85,7 +85,14 @@ def final_report(summary: dict[str, Any], rc: RunConfig) -> str:
         f"fedpriv: {summary['rounds_completed']}/{summary['rounds_planned']} rounds ({summary['stop_reason']}), "
         f"final test accuracy {_accuracy_text(summary['final_accuracy'])}, {summary['wall_seconds']:.1f} s",
     ]
-    if "epsilon" in summary:
+    if "epsilon_against_server" in summary:
+        lines.append(
+            f"fedpriv: distributed DP with secure aggregation (user-level): epsilon {_epsilon_text(summary['epsilon'])} "
+            f"for the released model ({summary.get('sampling', '')} sampling, cohorts kept secret), "
+            f"{_epsilon_text(summary['epsilon_against_server'])} against the server, at delta {summary['delta']:.2e} over "
+            f"the whole run ({summary.get('accountant', '')})"
+        )
+    elif "epsilon" in summary:
         lines.append(
             f"fedpriv: central DP (user-level): epsilon {_epsilon_text(summary['epsilon'])} at delta {summary['delta']:.2e} "
             f"over the whole run ({summary.get('accountant', '')}, {summary.get('sampling', '')} sampling)"

@@ -38,6 +38,7 @@ import base64
 import os
 import random
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
@@ -81,8 +82,8 @@ class SecAggParams:
     def __post_init__(self) -> None:
         if not 1 <= self.bits <= 62:
             raise ValueError(f"bits must be in 1..62, got {self.bits}")
-        if not 1 <= self.threshold <= self.neighbours:
-            raise ValueError(f"threshold ({self.threshold}) must be in 1..neighbours ({self.neighbours})")
+        if not 1 <= self.threshold <= self.neighbours + 1:  # k neighbours and the client itself hold shares
+            raise ValueError(f"threshold ({self.threshold}) must be in 1..neighbours + 1 ({self.neighbours + 1})")
 
 
 def prg(seed: bytes, dim: int, bits: int) -> np.ndarray:
@@ -107,6 +108,27 @@ def ring_neighbours(clients: list[int], k: int, rng: random.Random) -> dict[int,
         return {u: sorted(v for v in order if v != u) for u in order}
     half = k // 2
     return {order[i]: sorted({order[(i + j) % n] for j in range(-half, half + 1) if j != 0}) for i in range(n)}
+
+
+def to_json(obj: Any) -> Any:
+    """JSON-safe copy: bytes -> {"b64": ...}, int keys -> str."""
+    if isinstance(obj, bytes):
+        return {"b64": base64.b64encode(obj).decode()}
+    if isinstance(obj, dict):
+        return {str(k): to_json(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [to_json(v) for v in obj]
+    return obj
+
+
+def from_json(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        if set(obj) == {"b64"}:
+            return base64.b64decode(obj["b64"])
+        return {k: from_json(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [from_json(v) for v in obj]
+    return obj
 
 
 # ------------------------------------------------------------------------------------ the client

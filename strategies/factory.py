@@ -10,6 +10,7 @@ from flwr.serverapp.strategy import FedAdam, FedAvg, FedAvgM, FedProx, Strategy
 from fedpriv.config import ConfigError, RunConfig, StrategyConfig
 from strategies.aggregator import FlowerAggregator
 from strategies.central_dp import CentralDPAggregator
+from strategies.distributed_dp import DistributedDPAggregator
 
 
 # The registry: config strategy.name -> builder. conf/strategy/<name>.yaml is what users choose from;
@@ -37,4 +38,6 @@ def build_aggregator(rc: RunConfig):
     inner = FlowerAggregator(build_flower_strategy(rc))
     if rc.privacy.mode in ("central", "central_local"):
         return CentralDPAggregator.from_config(rc, inner)
+    if rc.privacy.mode == "distributed":
+        return DistributedDPAggregator.from_config(rc, inner)
     return inner

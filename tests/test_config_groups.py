@@ -158,7 +158,7 @@ BAD = [
     # a mistyped group option
     ("dataset=imagenet", "dataset", r"no option 'imagenet'; allowed: cifar10, digits, fashion_mnist, heart_disease"),
     ("experiment=quikstart", "experiment", r"no option 'quikstart'; allowed: .*quickstart"),
-    ("privacy=base", "privacy", r"base is the schema .*allowed: central, central_local, local, none"),
+    ("privacy=base", "privacy", r"base is the schema .*allowed: central, central_local, distributed, local, none"),
     # a key the chosen option does not read
     ("strategy.eta=0.1", "strategy.eta", r"not read with strategy=fedavg .*allowed only with strategy=fedadam"),
     ("partition.alpha=0.3", "partition.alpha", r"not read with partition=iid .*allowed only with partition=dirichlet"),
