@@ -147,7 +147,7 @@ class DistributedPrivacyConfig:
     bits: int = 20  # b: every message and the sum live modulo 2^b (what a reply weighs: b bits a number)
     # t: the fewest clients whose vectors a released sum holds; a round with fewer is dropped, never
     # released. Each client's noise share is calibrated so that any t survivors carry the whole noise.
-    # None: half the expected cohort (clients_per_round), at least 2.
+    # None: 80% of a Poisson cohort 2 standard deviations below clients_per_round, at least 2.
     min_survivors: Optional[int] = None
     colluders: int = 0  # c: clients that may collude with the server; their own noise shares are not counted
     neighbours: int = 16  # k: SecAgg+'s neighbourhood (each client's secrets are shared among k others)

@@ -6,6 +6,8 @@ target) need the model and live with the plan (:func:`strategies.distributed_dp.
 
 from __future__ import annotations
 
+import math
+
 from fedpriv.config_schema import RunConfig
 from fedpriv.errors import ConfigError
 
@@ -16,9 +18,15 @@ def _require(ok: bool, key: str, message: str) -> None:
 
 
 def min_survivors(rc: RunConfig) -> int:
-    """t: the fewest clients a released sum holds (default: half the expected cohort, at least 2)."""
+    """t: the fewest clients a released sum holds. Default: 80% of a cohort two standard deviations
+    below the expected one (Poisson), at least 2: rounds are rarely dropped, and the noise a full
+    cohort carries is about 1.2x (in std) what the guarantee needs (each client adds 1/t of it)."""
     t = rc.privacy.distributed.min_survivors
-    return t if t is not None else max(2, rc.clients_per_round // 2)
+    if t is not None:
+        return t
+    m = rc.clients_per_round if rc.sampling != "all" else rc.num_clients
+    q = 1.0 if rc.sampling == "all" else min(1.0, rc.clients_per_round / rc.num_clients)
+    return max(2, int(0.8 * (m - 2 * math.sqrt(m * (1 - q)))))
 
 
 def share_threshold(rc: RunConfig) -> int:

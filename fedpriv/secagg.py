@@ -41,6 +41,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from flwr.common.secure_aggregation.crypto.shamir import combine_shares, create_shares
 from flwr.common.secure_aggregation.crypto.symmetric_encryption import decrypt, encrypt, generate_shared_key
@@ -93,9 +94,14 @@ def prg(seed: bytes, dim: int, bits: int) -> np.ndarray:
     return (words & np.uint64((1 << bits) - 1)).astype(np.int64)
 
 
-def _agreed_seed(private_key: bytes, public_key: bytes) -> bytes:
-    return base64.urlsafe_b64decode(generate_shared_key(bytes_to_private_key(private_key),
-                                                        bytes_to_public_key(public_key)))
+def _agreed_seed(private_key: ec.EllipticCurvePrivateKey, public_key: bytes) -> bytes:
+    return base64.urlsafe_b64decode(generate_shared_key(private_key, bytes_to_public_key(public_key)))
+
+
+def _mask_key(scalar: bytes) -> ec.EllipticCurvePrivateKey:
+    """The mask key from its private scalar: what is secret-shared is these 48 bytes, not the key's
+    PEM (~300 bytes: six times the Shamir work, the most expensive step of a round)."""
+    return ec.derive_private_key(int.from_bytes(scalar, "big"), ec.SECP384R1())
 
 
 def ring_neighbours(clients: list[int], k: int, rng: random.Random) -> dict[int, list[int]]:
@@ -149,7 +155,8 @@ class SecAggClient:
     def advertise(self) -> dict[str, bytes]:
         enc_sk, enc_pk = generate_key_pairs()
         mask_sk, mask_pk = generate_key_pairs()
-        self.keys = {"enc_sk": private_key_to_bytes(enc_sk), "mask_sk": private_key_to_bytes(mask_sk),
+        scalar = mask_sk.private_numbers().private_value.to_bytes(48, "big")
+        self.keys = {"enc_sk": private_key_to_bytes(enc_sk), "mask_scalar": scalar,
                      "enc_pk": public_key_to_bytes(enc_pk), "mask_pk": public_key_to_bytes(mask_pk)}
         return {"enc_pk": self.keys["enc_pk"], "mask_pk": self.keys["mask_pk"]}
 
@@ -161,11 +168,12 @@ class SecAggClient:
         self.self_seed = os.urandom(32)
         order = sorted(neighbours)  # and myself, last: my own share of my seed counts when I survive
         seed_shares = create_shares(self.self_seed, self.params.threshold, len(order) + 1)
-        key_shares = create_shares(self.keys["mask_sk"], self.params.threshold, len(order) + 1)
+        key_shares = create_shares(self.keys["mask_scalar"], self.params.threshold, len(order) + 1)
+        enc_sk = bytes_to_private_key(self.keys["enc_sk"])
         self.keys["own_seed_share"] = seed_shares[-1]
         out = {}
         for v, b_share, sk_share in zip(order, seed_shares, key_shares):
-            key = generate_shared_key(bytes_to_private_key(self.keys["enc_sk"]), bytes_to_public_key(neighbours[v][0]))
+            key = generate_shared_key(enc_sk, bytes_to_public_key(neighbours[v][0]))
             out[v] = encrypt(key, share_keys_plaintext_concat(self.cid, v, b_share, sk_share))
         return out
 
@@ -179,8 +187,9 @@ class SecAggClient:
         if not _MASKING:
             return x
         y = x + prg(self.self_seed, p.dim, p.bits)
+        mask_sk = _mask_key(self.keys["mask_scalar"])
         for v in self.received:  # only neighbours still in the protocol (they sent me shares)
-            mask = prg(_agreed_seed(self.keys["mask_sk"], self.neighbours[v][1]), p.dim, p.bits)
+            mask = prg(_agreed_seed(mask_sk, self.neighbours[v][1]), p.dim, p.bits)
             y = y + mask if self.cid < v else y - mask
             y = np.mod(y, m)
         return np.mod(y, m)
@@ -279,7 +288,7 @@ class SecAggServer:
         for u, shares in seed_shares.items():
             total = np.mod(total - prg(self._combine(shares, u, "self-mask seed"), p.dim, p.bits), m)
         for v, shares in key_shares.items():
-            mask_sk = self._combine(shares, v, "mask key")
+            mask_sk = _mask_key(self._combine(shares, v, "mask key"))
             for u in self.graph[v]:
                 if u in survivors and u in self.shared:  # u masked with v (v shared keys before dropping)
                     mask = prg(_agreed_seed(mask_sk, self.public[u]["mask_pk"]), p.dim, p.bits)
