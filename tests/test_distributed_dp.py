@@ -115,6 +115,22 @@ def test_the_decoded_sum_is_the_quantised_sum_plus_the_noise_exactly(plan):
     assert np.std(err) == pytest.approx(plan.noise_stddev(len(updates)), rel=0.1)
 
 
+def test_the_largest_cohort_of_updates_pointing_the_same_way_does_not_wrap_around():
+    """A round's updates are correlated: their sum's norm can be clients x C, not sqrt(clients) x C
+    (the plan once assumed the latter, and such sums wrapped around the modulus). Little noise, so
+    that the signal sets the scale."""
+    plan = distributed.make_plan(dim=3000, clip_norm=1.0, bits=16, target_epsilon=1e4, delta=1e-5, rounds=20,
+                                 sample_rate=0.2, min_survivors=8, colluders=0, max_clients=40)
+    rng = np.random.default_rng(8)
+    direction = rng.normal(size=plan.dim)
+    quantised = [distributed.quantise(direction * 5.0, plan, 4, rng) for _ in range(plan.max_clients)]
+    noise = [distributed.noise_share(plan, rng) for _ in quantised]
+    total = np.mod(sum(np.mod(q + n, plan.modulus) for q, n in zip(quantised, noise)), plan.modulus)
+    exact = (sum(quantised) + sum(noise)).astype(np.float64)
+    assert np.abs(exact).max() < plan.modulus / 2  # no coordinate beyond the centred range
+    assert np.array_equal(distributed.decode(total, plan, 4), distributed.unrotate(exact / plan.scale, 4, plan.dim))
+
+
 def test_the_plan_states_its_guarantee_and_refuses_what_cannot_work(plan):
     assert plan.client_variance == pytest.approx(plan.variance / 7)  # t - c survivors carry mu
     assert plan.overflow_probability() <= 1e-6 and plan.quantisation_share() < 0.01

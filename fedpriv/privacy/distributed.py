@@ -116,9 +116,11 @@ class DistributedPlan:
         return self.variance / (self.min_survivors - self.colluders)
 
     def sum_stddev(self, clients: int) -> float:
-        """Standard deviation of one coordinate of a sum of ``clients`` vectors (rotated updates
-        spread evenly, the noise of all of them)."""
-        return math.sqrt(clients * (self.scale * self.clip_norm) ** 2 / self.padded
+        """Standard deviation of one coordinate of a sum of ``clients`` vectors: the rotation spreads
+        the sum's norm evenly, and that norm may be ``clients x gamma C`` (updates of a round point
+        the same way: counting them as independent, sqrt(clients) x, let the sum wrap around),
+        plus the noise and rounding of all of them."""
+        return math.sqrt((clients * self.scale * self.clip_norm) ** 2 / self.padded
                          + clients * (self.client_variance + 0.25))
 
     def overflow_probability(self, clients: int | None = None) -> float:
