@@ -10,7 +10,7 @@ out mid-round, when it next takes part).
 * ``share-keys``: the neighbours' public keys in; encrypted shares of its secrets out.
 * ``masked-input``: the shares addressed to it in, plus the global model; it trains, encodes its
   update (clip, rotate, quantise, its Skellam share; :func:`fedpriv.privacy.distributed.encode`)
-  and masks it. A worker adds its clients' masked vectors modulo ``2^b`` (masked, they are each
+  and masks it; nothing else of its training leaves it (no loss, no norm: the server is not trusted). A worker adds its clients' masked vectors modulo ``2^b`` (masked, they are each
   uniform; the sum reveals nothing more) and names who is in the sum.
 * ``unmask``: which neighbours survived and which dropped in; its shares of their secrets out.
 
@@ -65,7 +65,7 @@ def secagg_stage(rc: RunConfig, cfg: ConfigRecord, arrays: ArrayRecord, node_con
     payload = from_json(json.loads(str(cfg["secagg-payload"]))) if "secagg-payload" in cfg else {}
     ids = [int(c) for c in cfg["client-ids"]] if "client-ids" in cfg else [int(cfg["client-id"])]
     out: dict[int, Any] = {}
-    done, failed, losses = [], 0, []
+    done, failed = [], 0
     total = None
     if stage == "masked-input":
         plan = DistributedPlan(**json.loads(str(cfg["secagg-plan"])))
@@ -100,8 +100,6 @@ def secagg_stage(rc: RunConfig, cfg: ConfigRecord, arrays: ArrayRecord, node_con
                                 _noise_rng(rc, rnd, cid))
                 masked = client.masked_input({int(v): c for v, c in mine.items()}, vector)
                 total = np.mod(total + masked, 1 << params.bits)
-                if "train_loss" in metrics:
-                    losses.append(float(metrics["train_loss"]))
             elif stage == "unmask":
                 out[cid] = client.unmask([int(v) for v in mine["survivors"]], [int(v) for v in mine["dropped"]])
             if stage == "unmask":
@@ -121,7 +119,6 @@ def secagg_stage(rc: RunConfig, cfg: ConfigRecord, arrays: ArrayRecord, node_con
         "metrics": MetricRecord({**counts, "num-examples": float(len(done))}),
         "config": ConfigRecord({"secagg-stage": stage, "secagg-clients": done,
                                 "secagg-payload": json.dumps(to_json(out))}),
-        "diagnostics": MetricRecord({"train-losses": losses}),
     })
     if total is not None:
         content["arrays"] = ArrayRecord({"masked-sum": torch.from_numpy(total)})

@@ -121,7 +121,7 @@ class DistributedDPAggregator:
         base = {**config, "secagg-params": json.dumps(asdict(params)),
                 "secagg-plan": json.dumps(asdict(self.plan)), "secagg-rotation-seed": seed}
         server = SecAggServer(params, cohort)
-        self._round = {"seed": seed, "total": None, "survivors": 0, "losses": [], "why": ""}
+        self._round = {"seed": seed, "total": None, "survivors": 0, "why": ""}
         empty = ArrayRecord()
         masked_msgs: list[tuple[Message, int]] = []
         masked_replies: list[Message] = []
@@ -145,7 +145,6 @@ class DistributedDPAggregator:
                 if clients:  # a worker's sum stands for its clients: the first carries it, the others add 0
                     masked[clients[0]] = total
                     masked.update({c: np.zeros_like(total) for c in clients[1:]})
-                self._round["losses"] += [float(x) for x in reply.content["diagnostics"]["train-losses"]]
             requests = server.unmask_requests(masked)
             asks = {u: {"survivors": s, "dropped": d} for u, (s, d) in requests.items()}
             revealed = self._stage(population, server_round, sorted(asks), STAGE_UNMASK, asks, empty, base)[1]
@@ -188,9 +187,7 @@ class DistributedDPAggregator:
         return None if ok else "not a masked-input reply"
 
     def aggregate(self, server_round: int, arrays: ArrayRecord, replies: list[Message]) -> tuple[ArrayRecord | None, dict[str, Any]]:
-        losses = self._round.get("losses", [])
-        metrics: dict[str, Any] = {"train_loss": float(np.mean(losses)) if losses else math.nan,
-                                   "secagg_survivors": self._round.get("survivors", 0)}
+        metrics: dict[str, Any] = {"secagg_survivors": self._round.get("survivors", 0)}  # operator-only
         total = self._round.get("total")
         if total is None:
             self.dropped += 1

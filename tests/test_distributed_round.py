@@ -36,6 +36,7 @@ class Population:
     def __init__(self, rc, store_dir, lose=None):
         self.rc, self.store, self.lose = rc, ClientStateStore(store_dir), lose or {}
         self.task = json.dumps(to_dict(rc))
+        self.sent_back = []  # every reply's content, as the server receives it
 
     def messages(self, cohort, server_round, arrays, config):
         return [(Message(content=RecordDict({"arrays": arrays, "config": ConfigRecord(
@@ -50,6 +51,7 @@ class Population:
                 missing += 1
                 continue
             content = secagg_stage(self.rc, cfg, msg.content["arrays"], {}, self.store)
+            self.sent_back.append(content)
             replies.append(Message(content, reply_to=msg))
         return replies, missing
 
@@ -166,3 +168,12 @@ def test_the_command_line_run_on_ray_prints_both_epsilons_and_keeps_no_secret(tm
     assert (report["rounds_released"], report["sampling"]["rate"]) == (3, 1.0)
     state = tmp_path / "run" / "operator_only" / "simulated_client_state"
     assert not list(state.glob("secagg-*"))  # every survivor deleted its round's secrets
+
+
+def test_a_masked_input_reply_carries_no_raw_figure_of_any_client(tmp_path):
+    rc = compose_config(BASE)
+    _, [(_, metrics, _)], population = play(rc, tmp_path, list(range(8)))
+    assert "train_loss" not in metrics  # the server is not trusted with raw losses
+    for content in population.sent_back:
+        assert set(content.keys()) <= {"metrics", "config", "arrays"}
+        assert set(content["metrics"].keys()) == {"declined", "num-examples"}  # counts only
