@@ -27,6 +27,7 @@ from fedpriv.client_state import ClientStateStore
 from fedpriv.config import LocalPrivacyConfig, RunConfig
 from fedpriv.config_schema import GRAD_SAMPLE_MODES  # Opacus's per-example gradient engines (re-exported)
 from fedpriv.errors import ClientError
+from fedpriv.language_model import batch_loss
 from fedpriv.privacy.local import commit_round, decide_round, sampling_plan
 
 log = logging.getLogger("fedpriv.client.dp_sgd")
@@ -252,6 +253,17 @@ def train_dp_sgd(
     )
 
 
+def _float32_grad_samples(optimizer: Any) -> None:
+    """Per-example gradients of a bfloat16 forward pass (``model.dtype=bfloat16``) come back in bfloat16:
+    cast them to the parameters' float32 before Opacus computes their norms, so that the clip factor,
+    and with it the bound ``max_grad_norm`` on every summed gradient, is computed in float32 and not
+    rounded to bfloat16's 8 bits (a norm read 0.4% low would let a gradient past the clip)."""
+    for p in optimizer.params:
+        gs = getattr(p, "grad_sample", None)
+        if isinstance(gs, torch.Tensor) and gs.dtype != p.dtype:
+            p.grad_sample = gs.to(p.dtype)
+
+
 def _run_epochs(gsm: nn.Module, optimizer: Any, criterion: Any, loader: DataLoader, epochs: int,
                 max_physical_batch_size: int, grad_sample_mode: str, device: str) -> tuple[float, int, int]:
     """The DP-SGD loop: Poisson logical batches, split into physical ones; (loss sum, examples, empty batches)."""
@@ -268,8 +280,9 @@ def _run_epochs(gsm: nn.Module, optimizer: Any, criterion: Any, loader: DataLoad
                     _noise_only_step(optimizer, ghost=grad_sample_mode == "ghost")
                     continue
                 xb, yb = xb.to(device), yb.to(device)
-                loss = criterion(gsm(xb), yb)
+                loss = batch_loss(gsm(xb), xb, yb, criterion)
                 loss.backward()
+                _float32_grad_samples(optimizer)
                 optimizer.step()
                 loss_sum += float(loss.detach()) * len(yb)
                 seen += len(yb)

@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 from torch import nn
-from torch.nn import functional as F
+
+from fedpriv.language_model import batch_loss
 
 
 def _batches(n: int, batch_size: int, generator: torch.Generator | None):
@@ -42,7 +43,7 @@ def train(
     for _ in range(epochs):
         for idx in _batches(len(xt), batch_size, generator):
             opt.zero_grad(set_to_none=True)
-            loss = F.cross_entropy(model(xt[idx]), yt[idx])
+            loss = batch_loss(model(xt[idx]), xt[idx], yt[idx])
             if start is not None:
                 prox = sum(((p - s) ** 2).sum() for p, s in zip(params, start))
                 loss = loss + 0.5 * proximal_mu * prox

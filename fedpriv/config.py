@@ -41,7 +41,7 @@ from fedpriv.config_schema import (
 from fedpriv.data import DATASETS, SCHEMES
 from fedpriv.distributed_config import check_distributed
 from fedpriv.errors import ConfigError
-from fedpriv.models import MODEL_NAMES
+from fedpriv.model_config import check_model
 from fedpriv.sampling import SCHEMES as SAMPLINGS
 from fedpriv.sampling import cyclic_groups
 
@@ -139,21 +139,7 @@ def check_config(rc: RunConfig, explicit: set[str] | None = None) -> None:
     _require(p.classes_per_client >= 1, "partition.classes_per_client", f"must be >= 1, got {p.classes_per_client}")
     _require(p.shards_per_client >= 1, "partition.shards_per_client", f"must be >= 1, got {p.shards_per_client}")
 
-    _one_of(rc.model.name, MODEL_NAMES, "model.name")
-    m = rc.model
-    _one_of(m.finetune, ("lora", "full"), "model.finetune")
-    for key, value in (("model.layers", m.layers), ("model.dim", m.dim), ("model.heads", m.heads),
-                       ("model.lora_rank", m.lora_rank)):
-        _require(value >= 1, key, f"must be >= 1, got {value}")
-    _require(m.dim % m.heads == 0, "model.dim", f"must be a multiple of model.heads ({m.heads}), got {m.dim}")
-    _require(m.lora_alpha > 0, "model.lora_alpha", f"must be > 0, got {m.lora_alpha}")
-    _require(len(m.lora_targets) > 0, "model.lora_targets", "must name at least one module (e.g. [q_proj,v_proj])")
-    _require(m.pretrained is None or m.name == "transformer" or rc.dataset.name == "sent140", "model.pretrained",
-             f"a checkpoint is a transformer: use model=transformer (got model={m.name})")
-    if m.pretrained not in (None, "public") and explicit is not None:  # public: these size the public checkpoint
-        for key in ("model.layers", "model.dim", "model.heads"):
-            _require(not _set_by(key, explicit), key, "not read with model.pretrained (the checkpoint's own "
-                     "config sets the sizes); drop it or drop model.pretrained")
+    check_model(rc, explicit)
     _require(all(h >= 1 for h in rc.model.hidden), "model.hidden", f"layer widths must be >= 1, got {rc.model.hidden}")
 
     t = rc.train

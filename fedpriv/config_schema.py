@@ -80,6 +80,13 @@ class ModelConfig:
     lora_rank: int = read_if("name", *_LM, default=4)
     lora_alpha: float = read_if("name", *_LM, default=8.0)  # adapter scale alpha / rank
     lora_targets: list[str] = read_if("name", *_LM, default_factory=lambda: ["q_proj", "v_proj"])  # module names
+    # float32 | bfloat16: the frozen base's storage and the forward pass (autocast); the adapters, their
+    # gradients, the clip and the noise stay float32. bfloat16 halves a worker's base (GPU placement:
+    # more workers per GPU; needs an Ampere or newer GPU); on a CPU it runs, usually slower.
+    dtype: str = read_if("name", *_LM, default="float32")
+    # shakespeare (a causal LM): all: the loss at every position of a window (the next token of each);
+    # last: the window's next character only. The privacy unit is one window either way.
+    loss_positions: str = read_if("name", *_LM, default="all")
 
 
 @dataclass

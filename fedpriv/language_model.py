@@ -36,6 +36,7 @@ from fedpriv.data.text import PAD_ID, TOKENIZER_FILE, tokenizer_digest, vocabula
 from fedpriv.errors import ConfigError
 
 ARCHITECTURE = "llama"  # of the built-from-config model: RMSNorm and rotary positions, no BatchNorm
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 @dataclass(frozen=True)
@@ -55,25 +56,41 @@ class LanguageModelSpec:
     lora_alpha: float
     lora_targets: tuple[str, ...]
     seed: int
+    # float32 | bfloat16: the frozen base's weights and the forward pass (autocast); what trains, travels
+    # and is noised stays float32. No privacy meaning: clipping reads float32 per-example gradients.
+    dtype: str = "float32"
+    # next_char: all | last. all: a causal LM's loss at every position of the window (the target of
+    # position i is token i+1, the window's label after the last); last: the window's label only.
+    # The privacy unit is the window either way (one example, one clipped gradient).
+    loss_positions: str = "all"
 
 
 class AdapterModel(nn.Module):
     """A transformer whose state dict is only what trains: ``model(ids) -> logits``.
 
     ``forward`` takes ``int64 (N, L)`` token ids, 0 = padding (masked out of attention), and returns
-    ``(N, classes)`` logits: the classifier's, or the causal LM's at the last position.
+    float32 ``(N, classes)`` logits: the classifier's, or the causal LM's at the last position. A causal
+    LM with ``every_position`` returns ``(N, L, vocabulary)`` in training mode, for the loss at every
+    position (:func:`sequence_targets`); evaluation and the audits always read the last position.
+    ``compute_dtype`` bfloat16 runs the forward pass under autocast (the frozen base is stored in it).
     """
 
-    def __init__(self, network: nn.Module, task: str):
+    def __init__(self, network: nn.Module, task: str, compute_dtype: torch.dtype = torch.float32,
+                 every_position: bool = False):
         super().__init__()
         self.network = network
         self.task = task
+        self.compute_dtype = compute_dtype
+        self.every_position = every_position and task == "next_char"
         self._travel = [name for name, p in self.named_parameters() if p.requires_grad]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.task == "text_classification":
-            return self.network(input_ids=x, attention_mask=(x != PAD_ID).long()).logits
-        return self.network(input_ids=x).logits[:, -1, :]
+        with torch.autocast(device_type=x.device.type, dtype=self.compute_dtype,
+                            enabled=self.compute_dtype != torch.float32):
+            if self.task == "text_classification":
+                return self.network(input_ids=x, attention_mask=(x != PAD_ID).long()).logits.float()
+            logits = self.network(input_ids=x).logits
+            return (logits if self.training and self.every_position else logits[:, -1, :]).float()
 
     def state_dict(self, *args: Any, destination: Any = None, prefix: str = "", keep_vars: bool = False) -> Any:
         full = super().state_dict(prefix=prefix, keep_vars=keep_vars)
@@ -212,7 +229,12 @@ def frozen_template(spec: LanguageModelSpec) -> AdapterModel:
                     network = _with_lora(network, spec)
             finally:
                 torch.random.set_rng_state(state)
-            model = AdapterModel(network, spec.task)
+            dtype = DTYPES[spec.dtype]
+            for p in network.parameters():
+                if not p.requires_grad:  # the frozen base only: what trains keeps float32
+                    p.data = p.data.to(dtype)
+            model = AdapterModel(network, spec.task, compute_dtype=dtype,
+                                 every_position=spec.loss_positions == "all")
             _templates[spec] = model
         return model
 
@@ -230,8 +252,30 @@ def base_fingerprint(model: AdapterModel) -> str:
     for name, p in model.named_parameters():
         if not p.requires_grad:
             h.update(name.encode())
-            h.update(p.detach().cpu().contiguous().numpy().tobytes())
+            h.update(p.detach().cpu().float().contiguous().numpy().tobytes())
     return h.hexdigest()
+
+
+def batch_loss(logits: torch.Tensor, x: torch.Tensor, y: torch.Tensor, criterion: Any = None) -> torch.Tensor:
+    """The training loss of a batch: cross-entropy of ``(N, classes)`` logits against ``y``, or for a
+    causal LM's ``(N, L, V)`` the mean over every position of the next token (``x`` shifted left, the
+    window's label ``y`` after its last position). ``criterion`` defaults to mean cross-entropy; Opacus's
+    ghost-clipping loss gets the logits' shape, so that each window (the privacy unit) is one sample."""
+    import torch.nn.functional as F
+
+    criterion = criterion if criterion is not None else F.cross_entropy
+    if logits.dim() != 3:
+        return criterion(logits, y)
+    targets = torch.cat([x[:, 1:], y[:, None]], dim=1).reshape(-1)
+    flat = logits.reshape(-1, logits.shape[-1])
+    if type(criterion).__name__ == "DPLossFastGradientClipping":
+        return criterion(flat, targets, shape=logits.shape)
+    return criterion(flat, targets)
+
+
+def base_bytes(model: AdapterModel) -> int:
+    """Bytes of the frozen base (one copy per worker process)."""
+    return sum(p.numel() * p.element_size() for p in model.parameters() if not p.requires_grad)
 
 
 def check_tokenizer_fits(spec: LanguageModelSpec, data_tokenizer: str | None, folder_tokenizer: str | None) -> None:

@@ -20,10 +20,12 @@ from fedpriv.config import ConfigError, RunConfig
 from fedpriv.data import SyntheticDataset, client_split, partition_indices
 from fedpriv.data.synthetic import possible_row_counts
 from fedpriv.errors import DataError, UserError
+from fedpriv.gpu_fit import check_gpu_fit, visible_gpu_info
+from fedpriv.language_model import base_bytes
 from fedpriv.privacy.local import noise_plan, planned_participations, sampling_plan
 from fedpriv.run_folder import check_run_folder
 from fedpriv.simulation import check_placement, visible_gpus
-from fedpriv.task import dataset_for, new_model, partition_params
+from fedpriv.task import dataset_for, is_language_model, new_model, partition_params
 from strategies import build_aggregator
 
 log = logging.getLogger("fedpriv")
@@ -43,11 +45,17 @@ def preflight(rc: RunConfig) -> list[str]:
         raise ConfigError(f"config key 'partition.scheme': natural needs a data set with natural clients; "
                           f"{rc.dataset.name} has none")
     try:
-        new_model(rc)
+        model = new_model(rc)
     except ConfigError:
         raise
     except ValueError as exc:
         raise ConfigError(f"config key 'model.name': {exc}") from None
+    if is_language_model(rc) and rc.placement.address is None:  # a cluster's GPUs are not ours to see
+        pl = rc.placement
+        check_gpu_fit(dtype=rc.model.dtype, workers_gpu_share=pl.num_gpus_per_client,
+                      server_on_gpu=pl.server_device == "cuda" or (pl.server_device == "auto" and visible_gpus() > 0),
+                      base_bytes=base_bytes(model), trainable_numbers=model.travelling_parameters(),
+                      gpus=visible_gpu_info())
     rows = client_rows(rc, ds)
     if rc.anonymisation.enabled:  # every client's table anonymised as the client will; what cannot be is refused
         released = check_anonymisation(rc, ds)

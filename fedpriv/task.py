@@ -94,6 +94,7 @@ def language_model_spec(rc: RunConfig, ds: FederatedDataset) -> LanguageModelSpe
         task=ds.task, vocab_size=int(ds.vocab_size), seq_len=int(ds.input_shape[0]), num_classes=ds.num_classes,
         pretrained=pretrained, layers=m.layers, dim=m.dim, heads=m.heads, finetune=m.finetune,
         lora_rank=m.lora_rank, lora_alpha=float(m.lora_alpha), lora_targets=tuple(m.lora_targets), seed=rc.seed,
+        dtype=m.dtype, loss_positions=m.loss_positions,
     )
 
 

@@ -24,6 +24,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from fedpriv.config import RunConfig
+from fedpriv.language_model import batch_loss
 from fedpriv.task import new_model
 
 
@@ -66,7 +67,7 @@ def train_reference(rc: RunConfig, x: np.ndarray, y: np.ndarray, *, epochs: int,
         for start in range(0, len(yt), t.batch_size):
             idx = order[start:start + t.batch_size]
             opt.zero_grad()
-            F.cross_entropy(model(xt[idx]), yt[idx]).backward()
+            batch_loss(model(xt[idx]), xt[idx], yt[idx]).backward()
             opt.step()
     model.eval()
     return model
