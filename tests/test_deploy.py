@@ -170,7 +170,7 @@ def federation(tmp_path, request):
 
     request.addfinalizer(finalize)
     fed, _ = deploy.start_federation(
-        2, "tls", session=tmp_path / "session", flwr_home=tmp_path / "flwr-home", owner=owner, timeout=90, echo=print,
+        getattr(request, "param", 2), "tls", session=tmp_path / "session", flwr_home=tmp_path / "flwr-home", owner=owner, timeout=90, echo=print,
     )
     held["fed"] = fed
     return fed, owner
@@ -207,3 +207,29 @@ def test_private_run_over_tls_on_two_supernodes(federation, tmp_path):
     seen = {p.pid for p in fed.procs} | owner.seen
     deploy.stop_federation(fed, owner, echo=print)
     assert not [p for p in seen if deploy.pid_alive(p)]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("federation", [3], indirect=True)
+def test_distributed_dp_with_secure_aggregation_on_three_supernodes(federation, tmp_path):
+    """privacy=distributed over real SuperNodes: the four SecAgg+ stages are four messages to each node,
+    whose ClientApp keeps its round's secrets in the node's own client-state folder between them and
+    deletes them after unmasking; the server decodes only the sum of three noised vectors."""
+    fed, owner = federation
+    assert fed.refused == [] and len(fed.alive_nodes()) == 3
+    result = deploy.run_app(fed, owner, ["num_rounds=1", "round_timeout=120", "privacy=distributed"],
+                            echo=print, timeout=300)
+    owner.record_descendants()
+    assert result.status == "finished:completed", result.status
+    run_dir = Path(result.run_dir)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["rounds_completed"] == 1 and summary["privacy"] == "distributed"
+    assert 0 < summary["epsilon"] <= summary["epsilon_against_server"]
+    report = json.loads((run_dir / "privacy.json").read_text())
+    assert report["threat_model"]["server"].startswith("honest but curious")
+    rows = deploy.operator_view(run_dir)
+    assert [(r["secagg_survivors"], r["secagg_released"]) for r in rows] == [(3, 1.0)]
+    stores = sorted(Path(fed.session, "nodes").glob("node-*/client-state"))
+    assert len(stores) == 3 and all(stores)
+    assert not [f for s in stores for f in s.rglob("secagg-*")], "a node kept its round's secrets"
+    deploy.stop_federation(fed, owner, echo=print)
