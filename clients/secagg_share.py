@@ -121,5 +121,7 @@ def secagg_stage(rc: RunConfig, cfg: ConfigRecord, arrays: ArrayRecord, node_con
                                 "secagg-payload": json.dumps(to_json(out))}),
     })
     if total is not None:
-        content["arrays"] = ArrayRecord({"masked-sum": torch.from_numpy(total)})
+        # values in [0, 2^b): 32-bit words on the wire for b <= 31, 64-bit ones above
+        wire = total.astype(np.int32) if params.bits <= 31 else total
+        content["arrays"] = ArrayRecord({"masked-sum": torch.from_numpy(wire)})
     return content

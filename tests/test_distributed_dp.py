@@ -218,3 +218,23 @@ def test_a_client_state_survives_a_round_trip_between_stages():
     clients = {u: SecAggClient.from_state_dict(params, c.state_dict()) for u, c in clients.items()}
     total, _ = server.aggregate({u: clients[u].unmask(*r) for u, r in requests.items()})
     assert np.array_equal(total, np.mod(sum(xs.values()), 1 << 16))
+
+
+@pytest.mark.parametrize("size", [32, 48, 16, 5])
+def test_shamir_shares_are_flowers_format_both_ways_and_need_the_threshold(size):
+    """fedpriv.secagg's thread-free Shamir helpers and Flower's combine each other's shares; fewer
+    than the threshold reconstruct something else."""
+    import os
+
+    from flwr.common.secure_aggregation.crypto import shamir as flower
+
+    secret = os.urandom(size)
+    ours, theirs = secagg.create_shares(secret, 3, 5), flower.create_shares(secret, 3, 5)
+    assert [len(s) for s in ours] == [len(s) for s in theirs] and [s[:4] for s in ours] == [s[:4] for s in theirs]
+    assert flower.combine_shares([ours[4], ours[0], ours[2]]) == secret
+    assert secagg.combine_shares([theirs[1], theirs[3], theirs[4]]) == secret
+    assert secagg.combine_shares(ours[1:4]) == secret
+    try:
+        assert secagg.combine_shares(ours[:2]) != secret
+    except ValueError:  # the padding of a wrong reconstruction is usually invalid
+        pass
