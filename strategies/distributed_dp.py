@@ -250,7 +250,7 @@ class DistributedDPAggregator:
             f"{plan.clip_norm:g}, quantises it and adds its share of Skellam noise so that any {t} survivors, {c} of "
             f"them colluding with the server, still carry variance {plan.variance:.4g} per coordinate; a round with "
             f"fewer survivors is dropped, never released. Accountant: the Skellam mechanism's RDP (Agarwal et al. 2021), "
-            f"Poisson subsampling (Zhu & Wang 2019), dp-accounting's conversion."
+            f"Poisson subsampling under add/remove (Steinke 2022, arXiv:2210.00597), dp-accounting's conversion."
         )
         summary = {"epsilon": eps["released_model"], "epsilon_against_server": eps["server"], "delta": self.delta,
                    "accountant": "rdp (skellam)", "sampling": rc.sampling, "target_epsilon": rc.privacy.target_epsilon,

@@ -52,15 +52,45 @@ def test_the_bound_holds_for_vectors_where_coordinates_compose():
         assert exact <= bound * (1 + 1e-9)
 
 
-def test_the_subsampling_bound_holds_over_dp_accountings_exact_subsampled_gaussian():
-    sigma, q = 1.5, 0.05
-    orders = [2, 4, 8, 16, 32]
-    base = [0.0, 0.0] + [j / (2 * sigma ** 2) for j in range(2, max(orders) + 1)]
-    exact = rdp_lib._compute_rdp_poisson_subsampled_gaussian(q, sigma, orders)
-    for a, e in zip(orders, exact):
-        bound = skellam.subsampled_rdp(a, q, base)
-        assert e <= bound * (1 + 1e-9) and bound < base[a]
+def test_with_the_gaussians_rdp_the_subsampling_bound_is_dp_accountings_subsampled_gaussian():
+    """At integer orders the bound is the binomial expansion that dp-accounting computes for the
+    Poisson-subsampled Gaussian (Mironov et al. 2019): equal, not merely above."""
+    for sigma, q in ((1.5, 0.05), (0.8, 0.3), (3.0, 0.5)):
+        orders = [2, 3, 4, 8, 16, 32]
+        base = [0.0, 0.0] + [j / (2 * sigma ** 2) for j in range(2, max(orders) + 1)]
+        exact = rdp_lib._compute_rdp_poisson_subsampled_gaussian(q, sigma, orders)
+        for a, e in zip(orders, exact):
+            assert skellam.subsampled_rdp(a, q, base) == pytest.approx(e, rel=1e-9)
     assert skellam.subsampled_rdp(8, 1.0, base) == base[8]
+
+
+def _logpmfs(shift, variance):
+    width = int(40 * math.sqrt(variance)) + 40 + abs(shift)
+    k = np.arange(-width, width + 1)
+    log_p = stats.skellam.logpmf(k - shift, variance / 2, variance / 2)
+    log_q = stats.skellam.logpmf(k, variance / 2, variance / 2)
+    both = np.isfinite(log_p) & np.isfinite(log_q)
+    return log_p[both], log_q[both]
+
+
+def _renyi(order, log_p, log_q):
+    return float(logsumexp(order * log_p + (1 - order) * log_q) / (order - 1))
+
+
+@pytest.mark.parametrize("variance, shift", [(1.0, 1), (4.0, 2), (30.0, 5), (200.0, 1)])
+@pytest.mark.parametrize("q", [0.01, 0.2, 0.9])
+def test_the_subsampling_bound_holds_over_the_exact_subsampled_skellam_both_ways(variance, shift, q):
+    """A one-dimensional Skellam run on a Poisson(q) sample, summed over its support: the divergence of
+    the mixture from the noise alone (a user removed) and of the noise from the mixture (a user added)
+    both stay under the bound computed from the exact base divergences."""
+    log_p, log_q = _logpmfs(shift, variance)
+    log_mix = np.logaddexp(math.log1p(-q) + log_q, math.log(q) + log_p)
+    base = [0.0, 0.0] + [_renyi(j, log_p, log_q) for j in range(2, 33)]
+    for a in (2, 3, 5, 8, 16, 32):
+        bound = skellam.subsampled_rdp(a, q, base)
+        removal, addition = _renyi(a, log_mix, log_q), _renyi(a, log_q, log_mix)
+        assert removal == pytest.approx(bound, rel=1e-6)  # the expansion is exact for removal
+        assert addition <= bound * (1 + 1e-6)
 
 
 def test_skellam_epsilon_is_at_least_the_gaussians_and_close_to_it_when_noise_dominates():
