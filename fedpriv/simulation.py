@@ -18,6 +18,7 @@ see it through the faults a long simulation meets.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -35,6 +36,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedpriv import proctree, run_folder
 from fedpriv.callbacks import Callback
+from fedpriv.cluster_pool import cluster_actor_pool
 from fedpriv.client_app import app as client_app
 from fedpriv.config import ConfigError, PlacementConfig, RunConfig
 from fedpriv.engine import RoundInterrupted, RoundResult, RunState
@@ -296,7 +298,8 @@ def run_simulation(rc: RunConfig) -> dict[str, Any]:
     backend["client_resources"].update(worker_options())
     guard = WorkerGuard(lambda: pool_size_from_resources(resources) if rc.placement.address is None else 0,
                         wait=min(rc.round_timeout, 120.0))
-    with StopOnInterrupt() as interrupt:
+    on_cluster = cluster_actor_pool() if rc.placement.address is not None else contextlib.nullcontext()
+    with StopOnInterrupt() as interrupt, on_cluster:
         try:
             flower_run_simulation(
                 server_app=_server_app(rc, interrupt.event, guard),
