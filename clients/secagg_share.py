@@ -36,7 +36,7 @@ from fedpriv import updates
 from fedpriv.client_state import ClientStateStore, safe_name
 from fedpriv.config import RunConfig
 from fedpriv.privacy.distributed import DistributedPlan, encode
-from fedpriv.secagg import SecAggClient, SecAggParams, from_json, to_json
+from fedpriv.secagg import SecAggClient, SecAggParams, from_json, pack, to_json
 from fedpriv.task import load_client_data, new_model
 
 log = logging.getLogger("fedpriv.client")
@@ -121,7 +121,5 @@ def secagg_stage(rc: RunConfig, cfg: ConfigRecord, arrays: ArrayRecord, node_con
                                 "secagg-payload": json.dumps(to_json(out))}),
     })
     if total is not None:
-        # values in [0, 2^b): 32-bit words on the wire for b <= 31, 64-bit ones above
-        wire = total.astype(np.int32) if params.bits <= 31 else total
-        content["arrays"] = ArrayRecord({"masked-sum": torch.from_numpy(wire)})
+        content["arrays"] = ArrayRecord({"masked-sum": torch.from_numpy(pack(total, params.bits))})  # b bits each
     return content

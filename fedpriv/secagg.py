@@ -330,3 +330,27 @@ def combine_shares(shares: list[bytes]) -> bytes:
         return unpad(padded, 16)
     except ValueError:
         raise ValueError("Failed to combine shares") from None
+
+
+# The wire format of a masked vector: ``bits`` bits a number, packed little-endian (numpy's packbits). The
+# values are residues modulo 2^bits, so nothing is lost; a 20-bit vector weighs 20/32 of 32-bit words.
+
+
+def pack(values: np.ndarray, bits: int) -> np.ndarray:
+    """``values`` in ``[0, 2^bits)`` as ``uint8`` bytes, ``bits`` bits each."""
+    v = np.asarray(values, dtype=np.uint64)
+    if v.size and int(v.max()) >> bits:
+        raise ValueError(f"a value does not fit {bits} bits")
+    planes = ((v[:, None] >> np.arange(bits, dtype=np.uint64)) & np.uint64(1)).astype(np.uint8)
+    return np.packbits(planes.ravel(), bitorder="little")
+
+
+def unpack(packed: np.ndarray, bits: int, count: int) -> np.ndarray:
+    """The ``count`` int64 values :func:`pack` wrote; a wrong length is a ``ValueError``."""
+    packed = np.asarray(packed)
+    if packed.dtype != np.uint8 or packed.size != (count * bits + 7) // 8:
+        raise ValueError(f"a packed vector of {count} x {bits} bits has {(count * bits + 7) // 8} bytes, got "
+                         f"{packed.size} of {packed.dtype}")
+    planes = np.unpackbits(np.asarray(packed, dtype=np.uint8), bitorder="little", count=count * bits)
+    weights = (np.uint64(1) << np.arange(bits, dtype=np.uint64))
+    return (planes.reshape(count, bits).astype(np.uint64) * weights).sum(axis=1).astype(np.int64)

@@ -32,7 +32,7 @@ from fedpriv.distributed_config import min_survivors, share_threshold
 from fedpriv.privacy import skellam
 from fedpriv.privacy.budget import default_delta
 from fedpriv.privacy.distributed import DistributedPlan, decode, make_plan
-from fedpriv.secagg import SecAggError, SecAggParams, SecAggServer, from_json, to_json
+from fedpriv.secagg import SecAggError, SecAggParams, SecAggServer, from_json, to_json, unpack
 from fedpriv.task import new_model
 
 log = logging.getLogger("fedpriv")
@@ -140,7 +140,11 @@ class DistributedDPAggregator:
             for reply in masked_replies:
                 if reply.has_error() or "arrays" not in reply.content:
                     continue
-                total = np.asarray(reply.content["arrays"]["masked-sum"].numpy(), dtype=np.int64)
+                try:
+                    total = unpack(reply.content["arrays"]["masked-sum"].numpy(), self.params.bits, self.plan.padded)
+                except (KeyError, ValueError) as exc:  # malformed: its clients count as dropped (masks recovered)
+                    log.info("round %d: a masked-input reply is malformed (%s)", server_round, exc)
+                    continue
                 clients = [int(c) for c in reply.content["config"]["secagg-clients"]]
                 if clients:  # a worker's sum stands for its clients: the first carries it, the others add 0
                     masked[clients[0]] = total

@@ -268,3 +268,17 @@ def test_shamir_shares_are_flowers_format_both_ways_and_need_the_threshold(size)
         assert secagg.combine_shares(ours[:2]) != secret
     except ValueError:  # the padding of a wrong reconstruction is usually invalid
         pass
+
+
+def test_masked_vectors_travel_as_b_bits_each_and_a_wrong_length_is_refused():
+    rng = np.random.default_rng(4)
+    for bits in (8, 20, 31, 62):
+        values = rng.integers(0, 1 << bits, size=1000, dtype=np.int64)
+        values[:2] = [0, (1 << bits) - 1]
+        packed = secagg.pack(values, bits)
+        assert packed.dtype == np.uint8 and packed.size == (1000 * bits + 7) // 8
+        np.testing.assert_array_equal(secagg.unpack(packed, bits, 1000), values)
+    with pytest.raises(ValueError, match="bytes"):
+        secagg.unpack(secagg.pack(values[:999], 62), 62, 1000)
+    with pytest.raises(ValueError, match="fit"):
+        secagg.pack(np.array([1 << 20]), 20)

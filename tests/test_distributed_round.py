@@ -177,3 +177,30 @@ def test_a_masked_input_reply_carries_no_raw_figure_of_any_client(tmp_path):
     for content in population.sent_back:
         assert set(content.keys()) <= {"metrics", "config", "arrays"}
         assert set(content["metrics"].keys()) == {"declined", "num-examples"}  # counts only
+
+
+class Tampering(Population):
+    """Client 0's masked input arrives cut short, as a buggy or hostile client could send it."""
+
+    def dispatch(self, messages):
+        replies, missing = super().dispatch(messages)
+        for reply in replies:
+            cfg = reply.content["config"]
+            if str(cfg["secagg-stage"]) == "masked-input" and [int(c) for c in cfg["secagg-clients"]] == [0]:
+                import torch
+                from flwr.app import ArrayRecord
+
+                cut = reply.content["arrays"]["masked-sum"].numpy()[:-1].copy()
+                reply.content["arrays"] = ArrayRecord({"masked-sum": torch.from_numpy(cut)})
+        return replies, missing
+
+
+def test_a_malformed_masked_input_counts_as_a_dropout_and_the_round_is_released(tmp_path):
+    rc = compose_config(BASE)
+    aggregator = build_aggregator(rc)
+    arrays = updates.to_record({k: v.detach().numpy() for k, v in new_model(rc).state_dict().items()})
+    population = Tampering(rc, tmp_path / "state")
+    aggregator.begin_round(1, arrays, FakeGrid())
+    aggregator.exchange(population, 1, list(range(8)), arrays, {})
+    new, metrics = aggregator.aggregate(1, arrays, [])
+    assert new is not None and metrics["secagg_released"] == 1.0 and metrics["secagg_survivors"] == 7
