@@ -58,13 +58,15 @@ INFINITY_ALLOWED = ("privacy.target_epsilon",)
 TEXT_DATASETS = ("sent140", "shakespeare", "shakespeare_lm")  # where exposure.secrets can be planted
 
 
-def parse_config(cfg: DictConfig | dict, explicit: set[str] | None = None) -> RunConfig:
+def parse_config(cfg: DictConfig | dict, explicit: set[str] | None = None,
+                 dropped: list[str] | None = None) -> RunConfig:
     """Merge a composed config into the schema; refuse unknown keys and wrong types in one line.
 
     ``explicit``: the value keys the user set on the command line (None: treat every key as set).
     A value the chosen option never reads is refused if the user set it, and reset to its default
     if a preset set it (``experiment=quickstart privacy=none``: the preset's privacy settings do
-    not apply to the non-private twin, and saying so is not the user's mistake).
+    not apply to the non-private twin, and saying so is not the user's mistake); ``dropped`` gets
+    one line for each such reset.
     """
     if isinstance(cfg, DictConfig):
         cfg = OmegaConf.to_container(cfg, resolve=True)  # type: ignore[assignment]
@@ -75,7 +77,7 @@ def parse_config(cfg: DictConfig | dict, explicit: set[str] | None = None) -> Ru
         rc: RunConfig = OmegaConf.to_object(merged)  # type: ignore[assignment]
     except OmegaConfBaseException as exc:
         raise ConfigError(omegaconf_message(exc)) from None
-    check_config(rc, explicit)
+    check_config(rc, explicit, dropped)
     return rc
 
 
@@ -111,7 +113,7 @@ def _one_of(value: str, allowed: tuple[str, ...], key: str) -> None:
     _require(value in allowed, key, f"got {value!r}; allowed: {', '.join(allowed)}")
 
 
-def check_config(rc: RunConfig, explicit: set[str] | None = None) -> None:
+def check_config(rc: RunConfig, explicit: set[str] | None = None, dropped: list[str] | None = None) -> None:
     """Refuse non-finite numbers, values out of range and values the chosen option never reads."""
     _check_finite(rc)
     _require(rc.num_clients >= 1, "num_clients", f"must be >= 1, got {rc.num_clients}")
@@ -266,7 +268,7 @@ def check_config(rc: RunConfig, explicit: set[str] | None = None) -> None:
              f"analytics={an.mode} use released_argmax (post-processing of the released figures)")
     _require(sel.method != "noisy_max" or (sel.epsilon is not None and sel.epsilon > 0), "selection.epsilon",
              f"noisy_max costs a finite epsilon > 0 (its pure-DP charge), got {sel.epsilon}")
-    _check_read(rc, "", explicit)
+    _check_read(rc, "", explicit, dropped)
 
 
 _GROUPS = set(group_schemas()) | {"experiment"}  # a group choice (privacy=none) is not a value key
@@ -324,7 +326,7 @@ def _option(node: Any, path: str, selector: str, value: Any = dataclasses.MISSIN
     return f"{path.rstrip('.')}={_text(value)}" if selects else f"{path}{selector}={_text(value)}"
 
 
-def _check_read(node: Any, path: str, explicit: set[str] | None) -> None:
+def _check_read(node: Any, path: str, explicit: set[str] | None, dropped: list[str] | None = None) -> None:
     """A value that the chosen option never reads (``strategy.eta`` under fedavg) is a mistake
     when the user set it: refuse it rather than run something other than what was asked for. One
     a preset set is reset to its default."""
@@ -334,12 +336,15 @@ def _check_read(node: Any, path: str, explicit: set[str] | None) -> None:
         if selector is not None and getattr(node, selector) not in readers:
             key = _first_difference(value, field_default(f), f"{path}{f.name}")
             if key is not None and not _set_by(key, explicit):
+                if dropped is not None:
+                    dropped.append(f"{path}{f.name}={_text(value)} (set by a preset) is not read with "
+                                   f"{_option(node, path, selector)}: dropped")
                 setattr(node, f.name, field_default(f))
             elif key is not None:
                 raise ConfigError(f"config key '{key}': not read with {_option(node, path, selector)} (it would be "
                                   f"ignored); allowed only with {' or '.join(_option(node, path, selector, r) for r in readers)}")
         elif dataclasses.is_dataclass(value):
-            _check_read(value, f"{path}{f.name}.", explicit)
+            _check_read(value, f"{path}{f.name}.", explicit, dropped)
 
 
 def _check_participation(rc: RunConfig) -> None:

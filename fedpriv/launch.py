@@ -45,7 +45,8 @@ def launch(container: dict[str, Any], hydra_config: Any = None) -> float:
     configure_logging()
     try:
         explicit = explicit_keys(hydra_config.overrides.task) if hydra_config is not None else None
-        rc = parse_config(container, explicit)
+        dropped: list[str] = []
+        rc = parse_config(container, explicit, dropped)
         warnings = preflight(rc)
     except (ConfigError, UserError, ValueError) as exc:
         fail(str(exc))
@@ -53,6 +54,8 @@ def launch(container: dict[str, Any], hydra_config: Any = None) -> float:
     except KeyboardInterrupt:  # before Ray: nothing started, nothing written
         interrupted(None)
         raise  # unreachable
+    for note in dropped:  # e.g. experiment=quickstart privacy=distributed: the preset's adaptive clipping
+        print(f"fedpriv: note: {note}", file=sys.stderr, flush=True)
     for warning in warnings:
         print(f"fedpriv: warning: {warning}", file=sys.stderr, flush=True)
     if hydra_config is not None:

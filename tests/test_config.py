@@ -129,3 +129,17 @@ def test_a_presets_non_private_twin_composes_but_a_users_unread_key_is_refused()
         compose_config("privacy=none privacy.target_epsilon=8")
     with pytest.raises(ConfigError, match="privacy.target_epsilon"):
         compose_config("experiment=quickstart privacy=none privacy.target_epsilon=8")
+
+
+def test_a_presets_value_the_chosen_option_does_not_read_is_dropped_and_said():
+    """experiment=quickstart privacy=distributed: the preset's adaptive clipping is central DP's; it is
+    dropped (one note line each), never silently, and refused when the user typed it."""
+    from fedpriv.config import parse_config
+
+    container = {"privacy": {"mode": "distributed", "target_epsilon": 8.0, "clipping": "adaptive"}}
+    dropped: list[str] = []
+    rc = parse_config(container, set(), dropped)
+    assert rc.privacy.clipping == "fixed"
+    assert dropped == ["privacy.clipping=adaptive (set by a preset) is not read with privacy=distributed: dropped"]
+    with pytest.raises(ConfigError, match="privacy.clipping"):
+        parse_config(container, {"privacy.clipping"}, [])
