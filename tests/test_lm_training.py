@@ -159,3 +159,20 @@ def test_bfloat16_on_a_gpu_without_it_is_refused():
     with pytest.raises(ConfigError, match=r"model.dtype.*8.0.*V100.*7.0"):
         fit(dtype="bfloat16", gpus=[V100])
     fit(dtype="float32", gpus=[V100])
+
+
+def test_preflight_refuses_lora_workers_that_cannot_fit_the_gpu_before_any_work(monkeypatch, tmp_path):
+    """The whole path: placement=gpu with 16 workers on a (described) 1 GiB GPU is one line from
+    preflight, before Ray; the same placement with 2 workers passes."""
+    from fedpriv import preflight as pf
+    from fedpriv import simulation
+
+    small = GpuInfo("a 1 GiB GPU", GIB, (8, 6))
+    monkeypatch.setattr(simulation, "visible_gpus", lambda: 1)
+    monkeypatch.setattr(pf, "visible_gpus", lambda: 1)
+    monkeypatch.setattr(pf, "visible_gpu_info", lambda: [small])
+    base = ["dataset=shakespeare_lm", "model=transformer", "model.pretrained=null", "privacy=none", "placement=gpu",
+            "placement.server_device=cpu", "device=cpu", f"run_dir={tmp_path / 'run'}"]
+    with pytest.raises(ConfigError, match="16 language-model workers.*a 1 GiB GPU"):
+        pf.preflight(compose_config([*base, "placement.num_gpus_per_client=0.0625"]))
+    pf.preflight(compose_config([*base, "placement.num_gpus_per_client=0.5"]))
