@@ -31,6 +31,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from fedpriv.data.text import PAD_ID, TOKENIZER_FILE, tokenizer_digest, vocabulary_size
 from fedpriv.errors import ConfigError
@@ -71,7 +72,7 @@ class AdapterModel(nn.Module):
     ``forward`` takes ``int64 (N, L)`` token ids, 0 = padding (masked out of attention), and returns
     float32 ``(N, classes)`` logits: the classifier's, or the causal LM's at the last position. A causal
     LM with ``every_position`` returns ``(N, L, vocabulary)`` in training mode, for the loss at every
-    position (:func:`sequence_targets`); evaluation and the audits always read the last position.
+    position (:func:`batch_loss`); evaluation and the audits always read the last position.
     ``compute_dtype`` bfloat16 runs the forward pass under autocast (the frozen base is stored in it).
     """
 
@@ -261,8 +262,6 @@ def batch_loss(logits: torch.Tensor, x: torch.Tensor, y: torch.Tensor, criterion
     causal LM's ``(N, L, V)`` the mean over every position of the next token (``x`` shifted left, the
     window's label ``y`` after its last position). ``criterion`` defaults to mean cross-entropy; Opacus's
     ghost-clipping loss gets the logits' shape, so that each window (the privacy unit) is one sample."""
-    import torch.nn.functional as F
-
     criterion = criterion if criterion is not None else F.cross_entropy
     if logits.dim() != 3:
         return criterion(logits, y)
