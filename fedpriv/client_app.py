@@ -26,13 +26,23 @@ from fedpriv import fault_gate
 from fedpriv.analytics import QUERY_KEY
 from fedpriv.client_state import ClientStateStore, node_state_dir
 from fedpriv.config import RunConfig
-from fedpriv.task import EmptyPartition, decode_config, load_client_data, new_model
+from fedpriv.task import EmptyPartition, dataset_for, decode_config, load_client_data, new_model
 
 log = logging.getLogger("fedpriv.client")
 app = ClientApp()
 
 ERROR_EMPTY = 10
 ERROR_CLIENT = 11
+
+
+def warm_up(task: str) -> None:
+    """Load the run's data set and build its model before the first message (fedpriv.worker_pool)."""
+    try:
+        rc = decode_config(task)
+        dataset_for(rc)
+        new_model(rc)
+    except Exception as exc:  # noqa: BLE001 - round 1 meets the same fault and reports it for its clients
+        log.warning("a client worker could not warm up (%s: %s); its first round will try again", type(exc).__name__, exc)
 
 
 def _error_reply(msg: Message, code: int, reason: str) -> Message:
@@ -107,7 +117,9 @@ def share_handler(msg: Message, context: Context) -> Message:
         torch.set_num_threads(1)
         fault_gate.hold(int(cfg["server-round"]))  # a no-op unless a fault test set it
         node_config = dict(context.node_config)
+        import time as _t; _t0 = _t.time()
         content = train_share(rc, cfg, msg.content["arrays"], node_config, client_store(rc, cfg, node_config))
+        content["timing"] = MetricRecord({"t0": _t0, "t1": _t.time(), "n": len(cfg["client-ids"])})
         return Message(content, reply_to=msg)
     except Exception as exc:  # noqa: BLE001 - the whole share failed: the server counts all its clients
         log.warning("share failed: %s", traceback.format_exc())

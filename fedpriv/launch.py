@@ -16,7 +16,7 @@ from fedpriv.errors import UserError
 from fedpriv.logs import configure_logging
 from fedpriv.preflight import preflight
 from fedpriv.simulation import run_simulation
-from fedpriv.tracking.sweep import apply_sweep_context
+from fedpriv.tracking.sweep import apply_sweep_context, is_multirun
 
 __all__ = ["fail", "final_report", "interrupted", "launch", "preflight"]
 
@@ -61,7 +61,8 @@ def launch(container: dict[str, Any], hydra_config: Any = None) -> float:
     if hydra_config is not None:
         apply_sweep_context(rc, hydra_config)
     try:
-        summary = run_simulation(rc)  # Ctrl-C from here on ends the run cleanly (fedpriv.simulation)
+        # a sweep's jobs run one after another in this process: they share Ray and its warm workers
+        summary = run_simulation(rc, keep_workers=is_multirun(hydra_config))  # Ctrl-C: a clean stop from here on
     except KeyboardInterrupt:  # before the simulation took over Ctrl-C
         interrupted(None)
         raise  # unreachable

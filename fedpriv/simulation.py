@@ -41,6 +41,9 @@ from fedpriv.client_app import app as client_app
 from fedpriv.config import ConfigError, PlacementConfig, RunConfig
 from fedpriv.engine import RoundInterrupted, RoundResult, RunState
 from fedpriv.federation import run_federation
+from fedpriv.prompt_dispatch import prompt_dispatch
+from fedpriv.task import encode_config
+from fedpriv.worker_pool import release_held, warm_workers
 
 log = logging.getLogger("fedpriv")
 
@@ -274,9 +277,12 @@ def _server_app(rc: RunConfig, stop: threading.Event, guard: WorkerGuard) -> Ser
     return server
 
 
-def run_simulation(rc: RunConfig) -> dict[str, Any]:
+def run_simulation(rc: RunConfig, keep_workers: bool = False) -> dict[str, Any]:
     """Run ``rc`` on Flower's simulation engine; returns the summary the run wrote (its
-    ``stop_reason`` is "interrupted" after Ctrl-C)."""
+    ``stop_reason`` is "interrupted" after Ctrl-C).
+
+    ``keep_workers``: leave Ray and the warm client workers running for the next run of this process
+    (the jobs of a sweep, :mod:`fedpriv.worker_pool`); they are stopped when the process exits."""
     # Flower's simulation imports Ray (0.6 s): loaded when a simulation runs, not by every launcher
     # that only validates (a refused configuration exits before it).
     from flwr.simulation import run_simulation as flower_run_simulation
@@ -299,7 +305,9 @@ def run_simulation(rc: RunConfig) -> dict[str, Any]:
     guard = WorkerGuard(lambda: pool_size_from_resources(resources) if rc.placement.address is None else 0,
                         wait=min(rc.round_timeout, 120.0))
     on_cluster = cluster_actor_pool() if rc.placement.address is not None else contextlib.nullcontext()
-    with StopOnInterrupt() as interrupt, on_cluster:
+    keep = keep_workers
+    warm = warm_workers(backend, encode_config(rc), keep=keep)
+    with StopOnInterrupt() as interrupt, on_cluster, warm, prompt_dispatch():
         try:
             flower_run_simulation(
                 server_app=_server_app(rc, interrupt.event, guard),
@@ -310,7 +318,10 @@ def run_simulation(rc: RunConfig) -> dict[str, Any]:
             )
         except RoundInterrupted:  # stopped before the round loop began (e.g. the analytics query)
             pass
-        proctree.kill_all(ray_processes())  # Flower shut Ray down; anything of it still here goes too
+        if not keep or interrupt.event.is_set():
+            if keep:
+                release_held()
+            proctree.kill_all(ray_processes())  # Flower shut Ray down; anything of it still here goes too
     if not summary_path.exists():
         if interrupt.event.is_set():
             return {"rounds_completed": _rounds_recorded(run_dir), "rounds_planned": rc.num_rounds,

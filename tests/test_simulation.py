@@ -152,3 +152,39 @@ def test_multirun_jobs_keep_separate_outputs(tmp_path):
     configs = [json.loads(p.read_text()) for p in summaries]
     assert all(c["rounds_completed"] == 1 for c in configs)
     assert sorted(p.parent.name.rsplit(",", 1)[-1] for p in summaries) == ["seed=0", "seed=1"]
+
+
+def processes_with_marker(marker: str) -> list[int]:
+    """PIDs whose environment holds ``marker`` (a launcher's Ray processes inherit its environment)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if marker.encode() in (entry / "environ").read_bytes():
+                    found.append(int(entry.name))
+            except OSError:
+                continue
+    return found
+
+
+@pytest.mark.slow
+def test_a_sweeps_jobs_share_warm_workers_while_the_placement_matches(tmp_path):
+    """Jobs run in order (2 CPUs, seed 0), (2, 1), (1, 0), (1, 1): the second and fourth take over the
+    workers the job before left; the third, on another Ray, stops them first; nothing of Ray outlives
+    the sweep."""
+    marker = f"FEDPRIV_TEST_SWEEP_{os.getpid()}_{tmp_path.name}"
+    result = simulate("-m", *FAST, "num_rounds=2", "placement.num_cpus=2,1", "seed=0,1", f"hydra.sweep.dir={tmp_path}",
+                      env={marker: "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    jobs = sorted((p for p in tmp_path.iterdir() if p.is_dir()), key=lambda p: int(p.name.split("_", 1)[0]))
+    assert len(jobs) == 4 and all(read_jsonl(j / run_folder.METRICS)[-1]["round"] == 2 for j in jobs)
+    logs = [(j / "simulate.log").read_text() for j in jobs]
+    took = ["took over" in log for log in logs]
+    stopped = ["stopping the previous job's Ray" in log for log in logs]
+    assert took == [False, True, False, True], [log[-1500:] for log in logs]
+    assert stopped == [False, False, True, False]
+    assert "took over 2 warm client worker(s)" in logs[1] and "took over 1 warm client worker(s)" in logs[3]
+    deadline = time.monotonic() + 30
+    while processes_with_marker(marker) and time.monotonic() < deadline:  # Ray's exit hook may still be stopping
+        time.sleep(0.5)
+    assert processes_with_marker(marker) == []

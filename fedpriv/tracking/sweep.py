@@ -65,15 +65,21 @@ def sweep_group(sweep_dir: str) -> str:
     return group[-MAX_GROUP_LEN:] or "multirun"
 
 
-def apply_sweep_context(rc: RunConfig, hydra_config: Any) -> None:
-    """In a multirun, set the tracking group to the sweep folder and tag each run with its swept overrides."""
+def is_multirun(hydra_config: Any) -> bool:
+    """Whether this job is one of a Hydra multirun (``-m``); False without Hydra."""
+    if hydra_config is None:
+        return False
     try:
         from hydra.types import RunMode  # noqa: PLC0415
 
-        is_multirun = hydra_config.mode == RunMode.MULTIRUN
+        return bool(hydra_config.mode == RunMode.MULTIRUN)
     except Exception:  # noqa: BLE001
-        return
-    if not is_multirun:
+        return False
+
+
+def apply_sweep_context(rc: RunConfig, hydra_config: Any) -> None:
+    """In a multirun, set the tracking group to the sweep folder and tag each run with its swept overrides."""
+    if not is_multirun(hydra_config):
         return
     if rc.tracking.group is None:
         rc.tracking.group = sweep_group(str(hydra_config.sweep.dir))
