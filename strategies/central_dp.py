@@ -84,6 +84,7 @@ class CentralDPAggregator:
         if reason is not None:
             return Stop(reason)
         clip_norm = self.mechanism.start_round()
+        self.mechanism.prefetch_epsilons(server_round)  # computed while the round trains
         self.inner.begin_round(server_round, arrays, grid)
         return {"clip-norm": clip_norm} if self.clip_on == "client" else {}
 

@@ -20,6 +20,9 @@ from fedpriv.compose import compose_config
 from fedpriv.config import ConfigError
 from fedpriv.aggregation import Stop
 from fedpriv.updates import IntegerBufferError, to_record
+from fedpriv.privacy import accounting
+from fedpriv.privacy.central import CentralGaussianMechanism, ClippingState
+from fedpriv.privacy.plan import make_noise_plan
 from strategies import build_aggregator
 from strategies.aggregator import FlowerAggregator
 from strategies.central_dp import CentralDPAggregator
@@ -287,3 +290,28 @@ def test_an_end_to_end_run_reports_the_epsilon_dp_accounting_computes(tmp_path, 
     assert summary["epsilon"] == pytest.approx(independent, rel=0.02)
     report = json.loads((tmp_path / "privacy.json").read_text())
     assert report["epsilon"] == summary["epsilon"] and report["delta"] == 1e-5
+
+
+@pytest.mark.parametrize("target", ["null", "4"])
+def test_epsilons_computed_while_a_round_trains_are_the_accountants_own(target):
+    """prefetch_epsilons computes, on a thread, the figures the next release and budget check ask for:
+    each round's reported epsilon is dp-accounting's PLD of the rounds so far (composed here by hand),
+    and the server's own calls find them in the accountant's cache."""
+    plan = make_noise_plan(compose_config(["privacy=central", "privacy.delta=1e-5", "num_clients=1000",
+                                           "clients_per_round=50", "num_rounds=5", "sampling=poisson",
+                                           "privacy.noise_multiplier=1.3", f"privacy.target_epsilon={target}"]))
+    mech = CentralGaussianMechanism(plan, ClippingState(norm=1.0, adaptive=False), secure_rng=False, seed=3)
+    zero = {"w": np.zeros(4)}
+    accounting.epsilon.cache_clear()
+    for t in range(1, 6):
+        assert mech.stop_reason(t) is None
+        mech.start_round()
+        mech.prefetch_epsilons(t)
+        mech.await_prefetch()  # the round's training, here: nothing, so that the cache is filled first
+        misses = accounting.epsilon.cache_info().misses
+        release = mech.release_sum(t, zero, [1.0], [0.5], zero)
+        assert accounting.epsilon.cache_info().misses == misses  # the server's call was a cache hit
+        by_hand = pld.privacy_loss_distribution.from_gaussian_mechanism(
+            standard_deviation=1.3, sampling_prob=0.05, pessimistic_estimate=True,
+            value_discretization_interval=1e-3).self_compose(t)
+        assert release.metrics["epsilon"] == pytest.approx(by_hand.get_epsilon_for_delta(1e-5), rel=1e-9)

@@ -21,7 +21,9 @@ before the noise; the hook sees every release). A hook may scale the noise actua
 
 from __future__ import annotations
 
+import contextlib
 import math
+import threading
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -113,21 +115,62 @@ class CentralGaussianMechanism:
         # tree / bandmf: the noise stream correlated across rounds (None: independent noise each round)
         self.noise_stream = make_noise(plan.mechanism, bands=plan.bands, epoch=plan.cycle)
         self.rounds = 0  # rounds released so far
+        self._prefetch: threading.Thread | None = None  # prefetch_epsilons' thread
 
     # -- before a round ---------------------------------------------------------------------------
     def noise_multiplier(self, server_round: int) -> float:
         """The total noise multiplier of round ``server_round`` (what the ledger records)."""
         return self.plan.noise_multipliers[server_round - 1]
 
+    def _budget_trial(self, ledger: PrivacyLedger, server_round: int) -> tuple[PrivacyLedger, PrivacyLedger | None]:
+        """``ledger`` with round ``server_round`` recorded (a copy), and the run's other releases if it
+        stopped after that round (analytics, selection) or None."""
+        trial = ledger.copy()
+        self.plan.record_round(trial, self.noise_multiplier(server_round), server_round)
+        others = self.plan.reserved(server_round) if self.plan.reserved is not None else None
+        return trial, others
+
+    def prefetch_epsilons(self, server_round: int) -> None:
+        """While round ``server_round`` trains, compute on a thread the epsilons the server will ask for
+        next: the ledger's once this round is recorded (the round's published figure) and, under a
+        budget, the trial of the next round (its :meth:`stop_reason`). The accountant caches each by the
+        exact events (:func:`fedpriv.privacy.accounting.epsilon`), so the later call returns the value it
+        would have computed itself; a guess that does not match what is recorded is only a cache entry
+        nobody reads. No privacy meaning: nothing is released or recorded here."""
+        self.await_prefetch()
+        if server_round > len(self.plan.noise_multipliers):
+            return
+        after, _ = self._budget_trial(self.ledger, server_round)
+        jobs = [after]
+        if self.plan.target_epsilon is not None and server_round < len(self.plan.noise_multipliers):
+            trial, others = self._budget_trial(after, server_round + 1)
+            if others is not None:
+                trial.extend(others)
+            jobs.append(trial)
+        delta, accountant = self.plan.delta, self.plan.accountant
+
+        def compute() -> None:
+            for ledger in jobs:
+                with contextlib.suppress(Exception):  # the server's own call raises it, if it is real
+                    ledger.epsilon(delta, accountant)
+
+        self._prefetch = threading.Thread(target=compute, name="fedpriv-epsilon-prefetch", daemon=True)
+        self._prefetch.start()
+
+    def await_prefetch(self) -> None:
+        """Wait for :meth:`prefetch_epsilons`' thread (a value being computed is not computed twice)."""
+        if self._prefetch is not None:
+            self._prefetch.join()
+            self._prefetch = None
+
     def stop_reason(self, server_round: int) -> str | None:
         """Why round ``server_round`` must not happen (the plan ends, or the budget), else None."""
         if server_round > len(self.plan.noise_multipliers):
             return f"the privacy plan covers {len(self.plan.noise_multipliers)} rounds"
         if self.plan.target_epsilon is not None:
-            trial = self.ledger.copy()
-            self.plan.record_round(trial, self.noise_multiplier(server_round), server_round)
+            self.await_prefetch()
             # what the run releases besides training if it stops after this round (analytics, selection)
-            others = self.plan.reserved(server_round) if self.plan.reserved is not None else None
+            trial, others = self._budget_trial(self.ledger, server_round)
             if others is not None:
                 trial.extend(others)
             eps = trial.epsilon(self.plan.delta, self.plan.accountant)
@@ -218,6 +261,7 @@ class CentralGaussianMechanism:
             centred_sum = np.array([float(np.sum(np.asarray(bits) - 0.5))])
             centred = float(sampler.add_noise(centred_sum, self.clipping.count_stddev)[0])
             noisy_unclipped = centred / denom + 0.5
+        self.await_prefetch()
         self.plan.record_round(self.ledger, z_total, server_round)
         self.rounds = server_round
         if noisy_unclipped is not None:
