@@ -237,6 +237,7 @@ def run_rounds(state: RunState, population: Population, aggregator: Aggregator, 
             extra = aggregator.share_config(rnd)
         cohort = population.sample(rnd)
         exchange = getattr(aggregator, "exchange", None)  # a multi-stage round (secure aggregation)
+        dispatched = time.time()
         try:
             if exchange is None:
                 messages = population.messages(cohort, rnd, state.arrays, {**client_config, **extra})
@@ -247,6 +248,7 @@ def run_rounds(state: RunState, population: Population, aggregator: Aggregator, 
             state.stop_reason = "interrupted"
             log.warning("round %d interrupted: abandoned, not aggregated nor recorded", rnd)
             break
+        replied = time.time()
         for m in replies:
             if m.has_error():
                 log.info("round %d: client(s) failed: %s", rnd, m.error.reason)
@@ -273,6 +275,9 @@ def run_rounds(state: RunState, population: Population, aggregator: Aggregator, 
             "num_dropped": missing,
             "clients_declined": sum(c["declined"] for c in counts),
             **metrics,
+            # where the round's time went (operator-only diagnostics): messages out until the last reply, then the server
+            "dispatch_seconds": replied - dispatched,
+            "server_seconds": time.time() - replied,
         }
         result = RoundResult(rnd, cohort, [m for m, _ in ok], trained, record, started=started)
         stop = False

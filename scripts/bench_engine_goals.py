@@ -10,6 +10,7 @@ so read them side by side, not as a round's own budget), which is what the closi
 from __future__ import annotations
 
 import math
+import statistics
 
 #: Ray's own processes: neither the driver nor a worker that trains clients.
 RAY_SYSTEM = ("raylet", "gcs_server", "log_monitor.py", "monitor.py", "dashboard.py", "agent.py",
@@ -54,9 +55,16 @@ def print_goals(results: list, cores: int) -> None:
         _line(e2e >= 3.0, "... and end to end (wall clock, start-up included)", f"{e2e:.2f}x")
         if r < 3.0 or e2e < 3.0:
             missed.append("flower")
-    if fed and math.isfinite(fed.round1):
-        _line(fed.round1 < 5.0, "fedpriv round 1 (start-up included) under 5 s", f"{fed.round1:.1f} s")
-        if fed.round1 >= 5.0:
+    if fed and math.isfinite(fed.round1_after_launcher):
+        r1 = fed.round1_after_launcher
+        _line(r1 <= 2.0, "fedpriv round 1 at most 2 s after the launcher's own start, a single run",
+              f"{r1:.1f} s ({fed.round1:.1f} s from the process's start)")
+        if r1 > 2.0:
+            missed.append("round1")
+    if fed and math.isfinite(fed.sweep_round1):
+        _line(fed.sweep_round1 <= 2.0, "... a sweep's second job (-m: the workers the first job left)",
+              f"{fed.sweep_round1:.2f} s")
+        if fed.sweep_round1 > 2.0:
             missed.append("round1")
     if not missed:
         return
@@ -71,15 +79,23 @@ def print_goals(results: list, cores: int) -> None:
         fd, fw, fs = (per_round(fed, x) for x in cpu_split(fed))
         _, lw, _ = (per_round(floor, x) for x in cpu_split(floor))
         fl_d = per_round(floor, cpu_split(floor)[0])
+        mid = lambda xs: statistics.median(xs[1:-1]) if len(xs) > 2 else float("nan")  # noqa: E731
         print(f"  gap {fed.median - floor.median:.2f} s/round: fedpriv's workers burn {fw / lw:.2f}x the floor's "
-              f"worker CPU (Flower messages: the global model encoded, sent and decoded per share, the reply's "
-              f"arrays and records), and its driver {fd:.2f} CPU-s a round against the floor's {fl_d:.2f} "
-              "(reply validation, the accountant's epsilon, a durable checkpoint of the model, metrics), "
-              "taken from the same 2 cores as the workers. What would close it: the driver's checkpoint and "
-              "publishing overlapped with the next round's training (a writer thread), the accountant's "
-              "epsilon composed incrementally, and the model shipped to a worker once per round as shared "
-              "memory (Ray's object store) instead of in each message.")
+              f"worker CPU (start-up included: ~3.5 CPU-s of imports each), its driver {fd:.2f} CPU-s a round "
+              f"against the floor's {fl_d:.2f}, on the same {cores} cores. Inside fedpriv's round (medians, "
+              f"operator_only/diagnostics.jsonl): {mid(fed.dispatch_seconds):.3f} s from the messages' push to the "
+              f"last reply (the longer share's training, the messages' transit), then {mid(fed.server_seconds):.3f} s "
+              f"of server work until the record (replies decoded and checked, noise, the PLD accountant's epsilon); "
+              f"the whole round {mid(fed.engine_round_seconds):.3f} s. What would close the rest: "
+              "the epsilon composed incrementally off the critical path (a writer thread that also publishes), and "
+              "a share's clients trained without the per-client state-dict copies and float64 dictionaries.")
     if "round1" in missed and fed:
-        print("  round 1 = Hydra + imports + preflight in the launcher (~5 s on 2 cores), then Ray's start and each "
-              "worker importing torch/Flower and loading its data. What would close it: a warm worker pool "
-              "(a long-lived SuperLink + SuperNodes: deployment mode) or lazy imports in the worker.")
+        print(f"  a single run's round 1 = Python + imports + Hydra ({(fed.launcher_ready or fed.t0) - fed.t0:.1f} s "
+              "before the launcher's own start), then preflight, Ray's start (~4 s on 2 cores: GCS, raylet, "
+              "agents) and each worker importing torch, Flower, Opacus (~3.5 s, both workers at once on 2 "
+              f"cores), and the first share (engine round 1: "
+              f"{fed.engine_round_seconds[0] if fed.engine_round_seconds else float('nan'):.1f} s, "
+              "worker start-up included). A sweep's later jobs skip Ray's start and the workers' (they reuse "
+              "them). What would close it for a single run: workers that outlive the launcher (a Ray cluster "
+              "started once, `placement=cluster`, with detached warm workers), or deployment mode's long-lived "
+              "SuperNodes; neither is started by a one-off launch.")

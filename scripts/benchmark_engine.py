@@ -41,7 +41,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -59,7 +59,10 @@ from fedpriv.run_folder import DIAGNOSTICS, read_jsonl, read_summary
 IMPLEMENTATIONS = ("floor", "fedpriv", "flower")
 LABELS = {"floor": "floor (2 procs)", "fedpriv": "fedpriv", "flower": "flower built-in DP"}
 CLK_TCK = os.sysconf("SC_CLK_TCK")
-PSS_EVERY = 8  # PSS on every 8th memory sample only
+# PSS only on every 40th memory sample (every ~10 s): reading a process's smaps_rollup walks its whole
+# address space under its memory lock, and Ray's processes map the object store; sampled every 2 s it
+# slowed fedpriv's rounds by ~20% (0.66 vs 0.54 s a round, width 8), i.e. the measurement moved the figure.
+PSS_EVERY = 40
 
 
 @dataclass
@@ -79,6 +82,17 @@ class Measured:
     cpu: dict = field(default_factory=dict)  # process name -> (CPU seconds, processes)
     engine_round_seconds: list = field(default_factory=list)  # fedpriv's own round_seconds
     notes: list = field(default_factory=list)
+    launcher_ready: float | None = None  # fedpriv: when Hydra wrote the job's .hydra/config.yaml (its own start done)
+    sweep_round1: float = float("nan")  # fedpriv: round 1 of a sweep's second job, from that job's start
+    dispatch_seconds: list = field(default_factory=list)  # fedpriv: push to last reply, per round
+    server_seconds: list = field(default_factory=list)  # fedpriv: last reply to the record, per round
+
+    @property
+    def round1_after_launcher(self) -> float:
+        """Round 1's end from the moment the launcher had started (imports, Hydra's composition done)."""
+        if self.launcher_ready is None or not self.round_ends or self.round_ends[0] is None:
+            return float("nan")
+        return self.round_ends[0] - self.launcher_ready
 
     @property
     def round1(self) -> float:
@@ -263,16 +277,45 @@ def fedpriv_command(w: Workload, run_dir: Path) -> list[str]:
     ]
 
 
+def job_start(job_dir: Path) -> float | None:
+    """When Hydra wrote the job's config (it does so once the launcher has started, just before the job)."""
+    try:
+        return (job_dir / ".hydra" / "config.yaml").stat().st_mtime
+    except OSError:
+        return None
+
+
+def sweep_round1(w: Workload, tmp: Path, args: argparse.Namespace) -> float:
+    """Round 1 of the second job of a two-job sweep (``-m seed=0,1``, 3 rounds each), from that job's
+    start: the job runs on the Ray and warm workers the first job left (fedpriv.worker_pool)."""
+    sweep = Path(tempfile.mkdtemp(prefix="fedpriv_sweep_", dir=tmp))
+    command = [a for a in fedpriv_command(replace(w, rounds=3), sweep / "unused") if not a.startswith(("hydra.run", "seed="))]
+    command[2:2] = ["-m"]
+    command += ["seed=0,1", f"hydra.sweep.dir={sweep}", "hydra.sweep.subdir=${hydra.job.num}"]
+    _, watcher = run_child("fedpriv", command, tmp / "fedpriv_sweep.log", args.interval, watch=sweep / "1" / DIAGNOSTICS)
+    start = job_start(sweep / "1")
+    if watcher is None or not watcher.times or watcher.times[0] is None or start is None:
+        return float("nan")
+    return watcher.times[0] - start
+
+
 def run_fedpriv(w: Workload, tmp: Path, args: argparse.Namespace) -> Measured:
     run_dir = Path(tempfile.mkdtemp(prefix="fedpriv_run_", dir=tmp))
     m, watcher = run_child("fedpriv", fedpriv_command(w, run_dir), tmp / "fedpriv.log", args.interval,
                            watch=run_dir / DIAGNOSTICS)
+    m.launcher_ready = job_start(run_dir)
     records = read_jsonl(run_dir / DIAGNOSTICS)
     m.round_ends = (watcher.times if watcher else [])[: len(records)]
     m.cohorts = [int(r.get("num_clients", 0)) for r in records]
     m.engine_round_seconds = [float(r["round_seconds"]) for r in records]
+    m.dispatch_seconds = [float(r.get("dispatch_seconds", math.nan)) for r in records]
+    m.server_seconds = [float(r.get("server_seconds", math.nan)) for r in records]
     if (run_dir / "summary.json").exists():
         m.accuracy = float(read_summary(run_dir)["final_accuracy"])
+    if not args.no_sweep:
+        m.sweep_round1 = sweep_round1(w, tmp, args)
+    m.notes.append(f"round 1 after the launcher's own start: {m.round1_after_launcher:.2f} s (a single run), "
+                   f"{m.sweep_round1:.2f} s (a sweep's second job)")
     m.notes.append(f"Poisson q = {w.q:g}; engine round_seconds (no checkpoint/publish), median of rounds 2..N-1: "
                    f"{statistics.median(m.engine_round_seconds[1:-1] or [float('nan')]):.2f} s; run folder {run_dir}")
     return m
@@ -323,7 +366,7 @@ def print_table(results: list[Measured]) -> None:
               f"{m.accuracy:>10.4f}{m.foreign_cpu:>11.0%}")
     print("s/round: median wall seconds of rounds 2..N-1; ms/client: their total / clients they trained; round 1: from "
           "process start. RSS sums every process of the tree (shared pages once per process); *PSS: shared pages "
-          "split, sampled every ~2 s. other procs: share of the machine's CPU used outside this benchmark meanwhile.")
+          "split, sampled every ~10 s. other procs: share of the machine's CPU used outside this benchmark meanwhile.")
     print()
     for m in results:
         rounds = len(m.round_ends)
@@ -355,6 +398,7 @@ def main() -> int:
                         help=f"seconds between RSS samples (PSS: every {PSS_EVERY}th)")
     parser.add_argument("--settle", type=float, default=60.0,
                         help="before each run, wait at most this long for other processes to go quiet")
+    parser.add_argument("--no-sweep", action="store_true", help="skip fedpriv's two-job sweep (round 1 of a warm job)")
     parser.add_argument("--workdir", default=None, help="keep logs and run folders here (default: a temp folder)")
     args = parser.parse_args()
     rounds = 5 if args.quick else args.rounds
