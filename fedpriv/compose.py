@@ -15,14 +15,14 @@ import re
 import shlex
 from collections.abc import Sequence
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from hydra import initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import HydraException, OverrideParseException
 from hydra.types import RunMode
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from fedpriv.config import ConfigError, RunConfig, allowed_keys, explicit_keys, omegaconf_message, parse_config
@@ -94,7 +94,7 @@ def compose_jobs(
             raise ConfigError(hydra_message(exc)) from None
         jobs = []
         for number, cfg in enumerate(cfgs):
-            task = [str(o) for o in cfg.hydra.overrides.task]
+            task = raw_overrides(cfg.hydra.overrides.task)
             try:
                 jobs.append(Job(task, validate_composed(cfg)))
             except ConfigError as exc:
@@ -109,7 +109,7 @@ def sweep_jobs(master: DictConfig) -> list[list[str]]:
     from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 
     sweeper = master.hydra.sweeper
-    task = [str(o) for o in master.hydra.overrides.task]
+    task = raw_overrides(master.hydra.overrides.task)
     if sweeper.get("_target_") != BASIC_SWEEPER:  # another sweeper picks its jobs as it goes
         parsed = OverridesParser.create().parse_overrides(task)
         return [[o.input_line for o in parsed if not o.is_sweep_override() and o.input_line]]
@@ -135,15 +135,22 @@ def validate_composed(cfg: DictConfig) -> RunConfig:
                               f"allowed: choose the option with the group alone ({instead})")
     container = OmegaConf.to_container(cfg, resolve=False)
     container.pop("hydra", None)  # type: ignore[union-attr]
-    rc = parse_config(container, explicit_keys(cfg.hydra.overrides.task))  # type: ignore[arg-type]
+    rc = parse_config(container, explicit_keys(raw_overrides(cfg.hydra.overrides.task)))
     check_data_root(rc.data.root)
     return rc
+
+
+def raw_overrides(overrides: Any) -> list[str]:
+    """The command line's overrides as typed: an override's value may be an interpolation that only
+    Hydra's run resolves (``hydra.sweep.subdir=${hydra.job.num}``), which reading the list would resolve."""
+    return [str(o) for o in OmegaConf.to_container(overrides, resolve=False)] if isinstance(overrides, ListConfig) \
+        else [str(o) for o in overrides]
 
 
 def _check_unknown_hydra_keys(cfg: DictConfig) -> None:
     """``+hydra.x=1`` is added to Hydra's typed config and read by nobody: refuse it."""
     parser = OverridesParser.create()
-    for override in parser.parse_overrides([str(o) for o in cfg.hydra.overrides.hydra]):
+    for override in parser.parse_overrides(raw_overrides(cfg.hydra.overrides.hydra)):
         if not (override.is_add() or override.is_force_add()) or override.is_sweep_override():
             continue
         key = override.key_or_group

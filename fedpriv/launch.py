@@ -11,6 +11,7 @@ import math
 import sys
 from typing import Any
 
+from fedpriv.compose import raw_overrides
 from fedpriv.config import ConfigError, RunConfig, explicit_keys, parse_config
 from fedpriv.errors import UserError
 from fedpriv.logs import configure_logging
@@ -44,7 +45,7 @@ def launch(container: dict[str, Any], hydra_config: Any = None) -> float:
     """Validate, preflight and run; returns the final test accuracy (the value sweepers optimise)."""
     configure_logging()
     try:
-        explicit = explicit_keys(hydra_config.overrides.task) if hydra_config is not None else None
+        explicit = explicit_keys(raw_overrides(hydra_config.overrides.task)) if hydra_config is not None else None
         dropped: list[str] = []
         rc = parse_config(container, explicit, dropped)
         warnings = preflight(rc)

@@ -87,8 +87,9 @@ def print_goals(results: list, cores: int) -> None:
               f"last reply (the longer share's training, the messages' transit), then {mid(fed.server_seconds):.3f} s "
               f"of server work until the record (replies decoded and checked, noise, the PLD accountant's epsilon); "
               f"the whole round {mid(fed.engine_round_seconds):.3f} s. What would close the rest: "
-              "the epsilon composed incrementally off the critical path (a writer thread that also publishes), and "
-              "a share's clients trained without the per-client state-dict copies and float64 dictionaries.")
+              "the share's clients trained without the per-client state-dict copies and float64 dictionaries "
+              "(fedpriv's ms/client against the floor's), and the checkpoint and publishing in a writer thread "
+              "(a few ms a round).")
     if "round1" in missed and fed:
         print(f"  a single run's round 1 = Python + imports + Hydra ({(fed.launcher_ready or fed.t0) - fed.t0:.1f} s "
               "before the launcher's own start), then preflight, Ray's start (~4 s on 2 cores: GCS, raylet, "

@@ -291,9 +291,9 @@ def sweep_round1(w: Workload, tmp: Path, args: argparse.Namespace) -> float:
     sweep = Path(tempfile.mkdtemp(prefix="fedpriv_sweep_", dir=tmp))
     command = [a for a in fedpriv_command(replace(w, rounds=3), sweep / "unused") if not a.startswith(("hydra.run", "seed="))]
     command[2:2] = ["-m"]
-    command += ["seed=0,1", f"hydra.sweep.dir={sweep}", "hydra.sweep.subdir=${hydra.job.num}"]
-    _, watcher = run_child("fedpriv", command, tmp / "fedpriv_sweep.log", args.interval, watch=sweep / "1" / DIAGNOSTICS)
-    start = job_start(sweep / "1")
+    command += ["seed=0,1", f"hydra.sweep.dir={sweep}", "hydra.sweep.subdir=job${hydra.job.num}"]
+    _, watcher = run_child("fedpriv", command, tmp / "fedpriv_sweep.log", args.interval, watch=sweep / "job1" / DIAGNOSTICS)
+    start = job_start(sweep / "job1")
     if watcher is None or not watcher.times or watcher.times[0] is None or start is None:
         return float("nan")
     return watcher.times[0] - start

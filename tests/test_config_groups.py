@@ -149,6 +149,9 @@ def test_hydra_settings_pass_through():
     jobs = compose_jobs(["seed=0,1", "hydra.sweep.dir=/tmp/x", "hydra.sweep.subdir=y"], multirun=True)
     assert [j.config.seed for j in jobs] == [0, 1]
     assert compose_jobs(["hydra.run.dir=/tmp/x", "+hydra.job.env_set.FOO=bar"])[0].config.seed == 0
+    # an interpolation only Hydra's run resolves (Hydra's documented pattern for short job folders)
+    jobs = compose_jobs(["seed=0,1", "hydra.sweep.subdir=job${hydra.job.num}", "run_dir=null"], multirun=True)
+    assert [j.config.seed for j in jobs] == [0, 1]
 
 
 BAD = [
