@@ -86,10 +86,15 @@ def print_goals(results: list, cores: int) -> None:
               f"operator_only/diagnostics.jsonl): {mid(fed.dispatch_seconds):.3f} s from the messages' push to the "
               f"last reply (the longer share's training, the messages' transit), then {mid(fed.server_seconds):.3f} s "
               f"of server work until the record (replies decoded and checked, noise, the PLD accountant's epsilon); "
-              f"the whole round {mid(fed.engine_round_seconds):.3f} s. What would close the rest: "
-              "the share's clients trained without the per-client state-dict copies and float64 dictionaries "
-              "(fedpriv's ms/client against the floor's), and the checkpoint and publishing in a writer thread "
-              "(a few ms a round).")
+              f"the whole round {mid(fed.engine_round_seconds):.3f} s. Per client trained: "
+              f"{fed.ms_per_client:.1f} ms against the floor's {floor.ms_per_client:.1f} "
+              f"({fed.ms_per_client / floor.ms_per_client:.2f}x). In one process without Ray "
+              "(scripts/bench_engine_share.py: a share of 25 clients through clients.cohort.train_share against "
+              "the floor's loop) the two were within 5% at commit 1c4ee84, and importing what fedpriv's worker "
+              "imports did not slow the floor's loop: the rest of the gap is the training inside the Ray worker's "
+              "process, not found yet. What would find it: a profile of one "
+              "worker with native frames (py-spy --native) against the floor's worker, and the same run with the "
+              "driver and Ray's daemons on a core of their own (placement.num_cpus=1 on a 3-core machine).")
     if "round1" in missed and fed:
         print(f"  a single run's round 1 = Python + imports + Hydra ({(fed.launcher_ready or fed.t0) - fed.t0:.1f} s "
               "before the launcher's own start), then preflight, Ray's start (~4 s on 2 cores: GCS, raylet, "
