@@ -35,7 +35,6 @@ import argparse
 import json
 import math
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -51,6 +50,7 @@ sys.path.insert(0, str(HERE))
 
 from bench_engine_common import Workload, num_parameters
 from bench_engine_goals import print_goals
+from bench_engine_machine import code_version, machine_busy_ticks, machine_line, wait_for_quiet
 
 from fedpriv import proctree
 from fedpriv.proctree import pss_kib, rss_kib, subtree
@@ -144,24 +144,6 @@ def process_name(pid: int, root: int) -> str | None:
         return "mp worker"
     script = next((Path(a).name for a in argv[1:] if a.endswith(".py")), None)
     return script or Path(argv[0]).name
-
-
-def machine_busy_ticks() -> int:
-    """Busy clock ticks of all CPUs since boot (user .. steal, without idle and iowait)."""
-    values = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-    return sum(values[:8]) - values[3] - values[4]
-
-
-def wait_for_quiet(max_wait: float, threshold: float = 0.15, window: float = 2.0) -> float:
-    """Wait (at most ``max_wait`` s) until other processes use under ``threshold`` of the CPUs
-    over ``window`` seconds; returns the seconds waited. The machine may be shared."""
-    start = time.time()
-    while True:
-        busy0 = machine_busy_ticks()
-        time.sleep(window)
-        share = (machine_busy_ticks() - busy0) / (window * CLK_TCK * (os.cpu_count() or 1))
-        if share < threshold or time.time() - start >= max_wait:
-            return time.time() - start
 
 
 class TreeSampler:
@@ -322,29 +304,6 @@ def run_fedpriv(w: Workload, tmp: Path, args: argparse.Namespace) -> Measured:
 
 
 # ----------------------------------------------------------------------------------- reporting
-
-
-def machine_line() -> str:
-    import flwr
-    import torch
-
-    cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
-                if ln.startswith("model name")), platform.processor())
-    return (f"machine: {os.cpu_count()} CPU cores ({cpu}), Python {platform.python_version()}, torch {torch.__version__} "
-            f"(1 thread per process: torch.set_num_threads(1), OMP_NUM_THREADS=1), flwr {flwr.__version__}")
-
-
-def code_version() -> str:
-    """The commit the fedpriv figures belong to (the code changes often), and whether it is edited."""
-    def git(*a: str) -> str:
-        try:
-            out = subprocess.run(["git", *a], check=False, cwd=ROOT, capture_output=True, text=True, timeout=10)
-            return out.stdout.strip()
-        except (OSError, subprocess.SubprocessError):
-            return ""
-    dirty = git("status", "--porcelain", "--", "fedpriv", "clients", "strategies")
-    return f"fedpriv code: commit {git('rev-parse', '--short', 'HEAD') or '?'}" + (
-        f", with uncommitted changes in {len(dirty.splitlines())} file(s) of fedpriv/ clients/ strategies/" if dirty else "")
 
 
 def print_table(results: list[Measured]) -> None:
