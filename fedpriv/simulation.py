@@ -305,8 +305,7 @@ def run_simulation(rc: RunConfig, keep_workers: bool = False) -> dict[str, Any]:
     guard = WorkerGuard(lambda: pool_size_from_resources(resources) if rc.placement.address is None else 0,
                         wait=min(rc.round_timeout, 120.0))
     on_cluster = cluster_actor_pool() if rc.placement.address is not None else contextlib.nullcontext()
-    keep = keep_workers
-    warm = warm_workers(backend, encode_config(rc), keep=keep)
+    warm = warm_workers(backend, encode_config(rc), keep=keep_workers)
     with StopOnInterrupt() as interrupt, on_cluster, warm, prompt_dispatch():
         try:
             flower_run_simulation(
@@ -318,8 +317,8 @@ def run_simulation(rc: RunConfig, keep_workers: bool = False) -> dict[str, Any]:
             )
         except RoundInterrupted:  # stopped before the round loop began (e.g. the analytics query)
             pass
-        if not keep or interrupt.event.is_set():
-            if keep:
+        if not keep_workers or interrupt.event.is_set():
+            if keep_workers:
                 release_held()
             proctree.kill_all(ray_processes())  # Flower shut Ray down; anything of it still here goes too
     if not summary_path.exists():
