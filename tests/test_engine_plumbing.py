@@ -78,3 +78,21 @@ def test_workers_key_tells_placements_apart():
 def test_warm_up_reports_a_broken_configuration_without_raising(caplog):
     worker_pool.warm_up('{"not": "a run configuration"}')  # the worker lives on; round 1 reports the fault
     assert "could not warm up" in caplog.text
+
+
+def test_the_driver_runs_blas_on_one_thread_during_a_simulation_and_gets_its_threads_back():
+    np = pytest.importorskip("numpy")
+    threadpoolctl = pytest.importorskip("threadpoolctl")
+    from fedpriv.simulation import single_threaded_blas
+
+    np.vdot(np.ones(4), np.ones(4))  # numpy's BLAS is loaded
+
+    def blas_threads() -> list[int]:
+        return [p["num_threads"] for p in threadpoolctl.threadpool_info() if p["user_api"] == "blas"]
+
+    assert blas_threads(), "no BLAS library found to limit"
+    with threadpoolctl.threadpool_limits(limits=2, user_api="blas"):  # a driver that would spin a spare thread
+        before = blas_threads()
+        with single_threaded_blas():
+            assert blas_threads() == [1] * len(before)
+        assert blas_threads() == before
