@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import math
 import queue
 import threading
 
@@ -96,3 +97,21 @@ def test_the_driver_runs_blas_on_one_thread_during_a_simulation_and_gets_its_thr
         with single_threaded_blas():
             assert blas_threads() == [1] * len(before)
         assert blas_threads() == before
+
+
+def test_a_client_worker_starts_without_importing_the_accountant_or_scipy_stats():
+    """A worker imports fedpriv.client_app at start; dp-accounting's package (scipy.signal, scipy.stats:
+    ~1 s of CPU a worker) waits until something computes an epsilon."""
+    import subprocess
+    import sys
+
+    code = ("import sys, fedpriv.client_app\n"
+            "print(sorted({m.split('.')[0] if m.startswith('dp_accounting') else m for m in sys.modules\n"
+            "              if m.startswith(('dp_accounting', 'scipy.stats', 'scipy.signal'))}))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert out.stdout.strip() == "[]", out.stdout
+    from fedpriv.privacy import accounting
+    from fedpriv.privacy.releases import DpRelease
+
+    release = DpRelease(noise_multiplier=1.0, sampling="poisson", sampling_rate=0.05, count=3)
+    assert 0 < accounting.epsilon((release,), 1e-5, "pld") < math.inf  # the lazy import still serves the accountant

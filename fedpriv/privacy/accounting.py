@@ -36,15 +36,15 @@ import threading
 from collections import OrderedDict
 from dataclasses import replace
 from functools import lru_cache
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
-from dp_accounting import dp_event
-from dp_accounting.pld import privacy_loss_distribution as pld_lib
-from dp_accounting.privacy_accountant import NeighboringRelation
-from dp_accounting.rdp import rdp_privacy_accountant as rdp_lib
 from scipy.special import gammaln, logsumexp
 
+if TYPE_CHECKING:
+    from dp_accounting import dp_event
+
+from .dp_accounting_lazy import lib as _dpa
 from .releases import REPLACE_ONE, DpRelease, merge, neighboring_relation
 
 #: PLD discretisation of the privacy loss. 1e-3 is within 0.01% of 1e-4 on
@@ -61,11 +61,6 @@ RDP_ORDERS = tuple(sorted(
     + [64.0, 80.0, 96.0, 128.0, 256.0, 320.0, 384.0, 512.0, 768.0, 1024.0]))
 
 ACCOUNTANTS = ("pld", "rdp")
-
-_RELATIONS = {
-    "add_or_remove_one": NeighboringRelation.ADD_OR_REMOVE_ONE,
-    "replace_one": NeighboringRelation.REPLACE_ONE,
-}
 
 
 # --------------------------------------------------------------------------
@@ -136,13 +131,14 @@ def _quiet_dp_accounting():
 
 def release_dp_event(r: DpRelease, relation: str) -> dp_event.DpEvent:
     """One Gaussian or Laplace release (count 1) as a dp-accounting event under ``relation``."""
+    events = _dpa().event
     if r.kind == "laplace":
-        return dp_event.LaplaceDpEvent(_effective_noise(r, relation))
-    gaussian = dp_event.GaussianDpEvent(_effective_noise(r, relation))
+        return events.LaplaceDpEvent(_effective_noise(r, relation))
+    gaussian = events.GaussianDpEvent(_effective_noise(r, relation))
     if r.sampling == "poisson":
-        return dp_event.PoissonSampledDpEvent(r.sampling_rate, gaussian)
+        return events.PoissonSampledDpEvent(r.sampling_rate, gaussian)
     if r.sampling == "fixed":
-        return dp_event.SampledWithoutReplacementDpEvent(
+        return events.SampledWithoutReplacementDpEvent(
             r.population, r.sample_size, gaussian)
     return gaussian
 
@@ -154,10 +150,10 @@ def _event_rdp(release: DpRelease, relation: str, orders: tuple[float, ...]) -> 
         # relation; dp-accounting only accepts it under replace-one (the epsilon doubles for a
         # replace-one ledger: group privacy of size 2).
         eps = release.standalone_epsilon(relation == REPLACE_ONE)
-        acc = rdp_lib.RdpAccountant(orders=list(orders), neighboring_relation=_RELATIONS[REPLACE_ONE])
-        event = dp_event.RandomizedResponseDpEvent(_rr_noise_parameter(eps), 2)
+        acc = _dpa().rdp.RdpAccountant(orders=list(orders), neighboring_relation=_dpa().relations[REPLACE_ONE])
+        event = _dpa().event.RandomizedResponseDpEvent(_rr_noise_parameter(eps), 2)
     else:
-        acc = rdp_lib.RdpAccountant(orders=list(orders), neighboring_relation=_RELATIONS[relation])
+        acc = _dpa().rdp.RdpAccountant(orders=list(orders), neighboring_relation=_dpa().relations[relation])
         event = release_dp_event(release, relation)
     with _quiet_dp_accounting():
         acc.compose(event)
@@ -191,7 +187,7 @@ def _rdp_total(releases: tuple[DpRelease, ...]) -> np.ndarray:
 @lru_cache(maxsize=256)
 def _pld_one(noise_multiplier: float, sampling_rate: float, vdi: float):
     """PLD of one Poisson-subsampled Gaussian release (add/remove-one)."""
-    return pld_lib.from_gaussian_mechanism(
+    return _dpa().pld.from_gaussian_mechanism(
         standard_deviation=noise_multiplier, sampling_prob=sampling_rate,
         value_discretization_interval=vdi, pessimistic_estimate=True)
 
@@ -200,16 +196,16 @@ def _pld_one(noise_multiplier: float, sampling_rate: float, vdi: float):
 def _pld_term(r: DpRelease, vdi: float):
     """PLD of ``r.count`` compositions of release ``r``."""
     if r.kind == "laplace":
-        return pld_lib.from_laplace_mechanism(
+        return _dpa().pld.from_laplace_mechanism(
             parameter=r.noise_multiplier, value_discretization_interval=vdi,
             pessimistic_estimate=True).self_compose(r.count)
     if r.kind == "pure":  # the dominating randomized-response pair (see _rr_noise_parameter)
-        return pld_lib.from_randomized_response(
+        return _dpa().pld.from_randomized_response(
             noise_parameter=_rr_noise_parameter(r.standalone_epsilon()), num_buckets=2,
             value_discretization_interval=vdi, pessimistic_estimate=True).self_compose(r.count)
     if r.sampling == "all":
         # Composing k Gaussians of std z is one Gaussian of std z/sqrt(k).
-        return pld_lib.from_gaussian_mechanism(
+        return _dpa().pld.from_gaussian_mechanism(
             standard_deviation=r.noise_multiplier / math.sqrt(r.count),
             value_discretization_interval=vdi, pessimistic_estimate=True)
     return _pld_one(r.noise_multiplier, r.sampling_rate, vdi).self_compose(r.count)
@@ -287,7 +283,7 @@ def epsilon(releases: tuple[DpRelease, ...], delta: float, accountant: str,
     if delta == 0.0:
         return pure_epsilon_sum(releases)
     if accountant == "rdp":
-        eps, _ = rdp_lib.compute_epsilon(RDP_ORDERS, _rdp_total(releases), delta)
+        eps, _ = _dpa().rdp.compute_epsilon(RDP_ORDERS, _rdp_total(releases), delta)
         return float(eps)
     return float(_pld_fold(releases, vdi).get_epsilon_for_delta(delta))
 
@@ -305,7 +301,7 @@ def delta(releases: tuple[DpRelease, ...], epsilon: float, accountant: str,
     if any(r.is_non_private for r in releases):
         return 1.0
     if accountant == "rdp":
-        d, _ = rdp_lib.compute_delta(RDP_ORDERS, _rdp_total(releases), epsilon)
+        d, _ = _dpa().rdp.compute_delta(RDP_ORDERS, _rdp_total(releases), epsilon)
         return float(d)
     return float(min(1.0, _pld_fold(releases, vdi).get_delta_for_epsilon(epsilon)))
 
@@ -344,7 +340,7 @@ def epsilons_by_round(rounds: Sequence[DpRelease], delta: float, accountant: str
         elif running is None:
             out[t] = 0.0
         elif accountant == "rdp":
-            out[t] = float(rdp_lib.compute_epsilon(RDP_ORDERS, running, delta)[0])
+            out[t] = float(_dpa().rdp.compute_epsilon(RDP_ORDERS, running, delta)[0])
         else:
             out[t] = float(running.get_epsilon_for_delta(delta))
     return [out[t] for t in (sorted(wanted) if evaluate is None else evaluate)]
@@ -394,5 +390,5 @@ def estimate_epsilon(releases: Sequence[DpRelease], delta: float) -> float:
             total += r.count * _event_rdp(r, relation, tuple(_ESTIMATE_ORDERS))
             continue
         total += r.count * _estimate_curve(_effective_noise(r, relation), r.sampling_rate)
-    eps, _ = rdp_lib.compute_epsilon(_ESTIMATE_ORDERS, total, delta)
+    eps, _ = _dpa().rdp.compute_epsilon(_ESTIMATE_ORDERS, total, delta)
     return float(eps)

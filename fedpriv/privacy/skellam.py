@@ -32,8 +32,9 @@ from functools import lru_cache
 from typing import Sequence
 
 import numpy as np
-from dp_accounting.rdp import rdp_privacy_accountant as rdp_lib
 from scipy.special import gammaln, logsumexp
+
+from . import dp_accounting_lazy
 
 #: Integer RDP orders (the Skellam bound and the subsampling bound hold at integer orders only).
 SKELLAM_ORDERS = tuple(list(range(2, 65)) + [80, 96, 128, 160, 192, 256])
@@ -114,7 +115,7 @@ def epsilon(rounds: Sequence[SkellamRound], delta: float) -> float:
         total += np.asarray(round_rdp(r))
     if not np.all(np.isfinite(total)):
         return math.inf
-    eps, _ = rdp_lib.compute_epsilon(SKELLAM_ORDERS, total, delta)
+    eps, _ = dp_accounting_lazy.lib().rdp.compute_epsilon(SKELLAM_ORDERS, total, delta)
     return float(eps)
 
 
