@@ -2,9 +2,9 @@
 
 Every figure comes from the measurements of the one benchmark run (``Measured``): the per-round wall
 time (median of rounds 2..N-1), round 1 from process start, and the CPU seconds of every process of
-each implementation's tree. A goal missed is printed with where the time went: how much CPU the
-workers and the driver burn per round against the floor's (whole run / rounds: start-up included,
-so read them side by side, not as a round's own budget), which is what the closing remarks act on.
+each implementation's tree, read every ~0.25 s. A goal missed is printed with where the time went:
+the CPU seconds a round of the workers (and per client trained), the driver and Ray's processes over
+the same rounds 2..N-1 as the s/round figure, how busy the workers were, and what would close it.
 """
 
 from __future__ import annotations
@@ -17,22 +17,40 @@ RAY_SYSTEM = ("raylet", "gcs_server", "log_monitor.py", "monitor.py", "dashboard
               "runtime_env_agent", "dashboard_agent", "ray::IDLE", "ray::DashboardAgent")
 
 
-def cpu_split(m) -> tuple[float, float, float]:
-    """(driver, workers, Ray system) CPU seconds over the whole run."""
-    driver = workers = system = 0.0
-    for name, (seconds, _count) in m.cpu.items():
-        if name == "driver":
-            driver += seconds
-        elif any(name.startswith(s) for s in RAY_SYSTEM):
-            system += seconds
-        else:
-            workers += seconds
-    return driver, workers, system
+def group(name: str) -> str:
+    """driver, workers (processes that train clients) or Ray system."""
+    if name == "driver":
+        return "driver"
+    return "Ray system" if any(name.startswith(x) for x in RAY_SYSTEM) else "workers"
 
 
-def per_round(m, seconds: float) -> float:
-    rounds = len(m.round_ends)
-    return seconds / rounds if rounds else float("nan")
+def steady_cpu(m) -> dict[str, float] | None:
+    """CPU seconds a round of the driver, the workers and Ray's system processes over rounds 2..N-1
+    (the s/round figure's window: start-up and the last round's evaluation left out), from the
+    sampler's readings (every ~0.25 s) inside that window."""
+    ends = m.round_ends
+    if len(ends) < 4 or ends[0] is None or ends[-2] is None:
+        return None
+    inside = [(t, c) for t, c in m.cpu_series if ends[0] <= t <= ends[-2]]
+    if len(inside) < 2 or inside[-1][0] <= inside[0][0]:
+        return None
+    (ta, ca), (tb, cb) = inside[0], inside[-1]
+    per_round_share = (ends[-2] - ends[0]) / (len(ends) - 2) / (tb - ta)
+    out = {"driver": 0.0, "workers": 0.0, "Ray system": 0.0}
+    for name, seconds in cb.items():
+        out[group(name)] += (seconds - ca.get(name, 0.0)) * per_round_share
+    return out
+
+
+def worker_count(m) -> int:
+    """Processes that trained clients (a helper that used under a CPU-second is not one)."""
+    return sum(n for name, (sec, n) in m.cpu.items() if group(name) == "workers" and sec >= 1.0)
+
+
+def mean_round(m) -> tuple[float, float]:
+    """(mean seconds, mean clients) of the rounds in the s/round window."""
+    iv = m.intervals()
+    return (sum(s for s, _ in iv) / len(iv), sum(c for _, c in iv) / len(iv)) if iv else (math.nan, math.nan)
 
 
 def _line(ok: bool, goal: str, figure: str) -> None:
@@ -68,33 +86,32 @@ def print_goals(results: list, cores: int) -> None:
             missed.append("round1")
     if not missed:
         return
-    print("Profile of the misses (CPU seconds per round, whole run / rounds):")
+    print("Profile of the misses: CPU seconds a round over rounds 2..N-1 (the s/round window):")
+    steady = {}
     for m in (floor, fed, flower):
-        if m is None:
+        if m is None or (c := steady_cpu(m)) is None:
             continue
-        d, w, s = (per_round(m, x) for x in cpu_split(m))
-        print(f"  {m.name:8s} driver {d:5.2f}  workers {w:5.2f}  Ray system {s:5.2f}  "
-              f"(the round's wall time on {cores} cores: {cores * m.median:5.2f} core-seconds)")
-    if "floor" in missed and floor and fed:
-        fd, fw, fs = (per_round(fed, x) for x in cpu_split(fed))
-        _, lw, _ = (per_round(floor, x) for x in cpu_split(floor))
-        fl_d = per_round(floor, cpu_split(floor)[0])
+        secs, clients = mean_round(m)
+        busy = c["workers"] / (worker_count(m) * secs) if worker_count(m) else math.nan
+        steady[m.name] = (c, secs, clients, busy)
+        print(f"  {m.name:8s} driver {c['driver']:5.3f}  workers {c['workers']:5.3f} ({1000 * c['workers'] / clients:4.1f} ms "
+              f"a client; busy {busy:4.0%} of their wall)  Ray system {c['Ray system']:5.3f}  (all: "
+              f"{sum(c.values()):5.3f} of the round's {cores * secs:5.3f} core-seconds on {cores} cores)")
+    if "floor" in missed and "floor" in steady and "fedpriv" in steady:
+        (fc, _, fcl, fbusy), (lc, _, lcl, lbusy) = steady["fedpriv"], steady["floor"]
         mid = lambda xs: statistics.median(xs[1:-1]) if len(xs) > 2 else float("nan")  # noqa: E731
-        print(f"  gap {fed.median - floor.median:.2f} s/round: fedpriv's workers burn {fw / lw:.2f}x the floor's "
-              f"worker CPU (start-up included: ~3.5 CPU-s of imports each), its driver {fd:.2f} CPU-s a round "
-              f"against the floor's {fl_d:.2f}, on the same {cores} cores. Inside fedpriv's round (medians, "
-              f"operator_only/diagnostics.jsonl): {mid(fed.dispatch_seconds):.3f} s from the messages' push to the "
-              f"last reply (the longer share's training, the messages' transit), then {mid(fed.server_seconds):.3f} s "
-              f"of server work until the record (replies decoded and checked, noise, the PLD accountant's epsilon); "
-              f"the whole round {mid(fed.engine_round_seconds):.3f} s. Per client trained: "
-              f"{fed.ms_per_client:.1f} ms against the floor's {floor.ms_per_client:.1f} "
-              f"({fed.ms_per_client / floor.ms_per_client:.2f}x). In one process without Ray "
-              "(scripts/bench_engine_share.py: a share of 25 clients through clients.cohort.train_share against "
-              "the floor's loop) the two were within 5% at commit 1c4ee84, and importing what fedpriv's worker "
-              "imports did not slow the floor's loop: the rest of the gap is the training inside the Ray worker's "
-              "process, not found yet. What would find it: a profile of one "
-              "worker with native frames (py-spy --native) against the floor's worker, and the same run with the "
-              "driver and Ray's daemons on a core of their own (placement.num_cpus=1 on a 3-core machine).")
+        print(f"  gap {fed.median - floor.median:.2f} s/round. fedpriv's workers spend {fc['workers'] / fcl / (lc['workers'] / lcl):.2f}x "
+              f"the floor's CPU a client, and are busy {fbusy:.0%} of the round against the floor's {lbusy:.0%}; "
+              f"its driver and Ray's processes take {fc['driver'] + fc['Ray system']:.3f} CPU-s a round against "
+              f"{lc['driver'] + lc['Ray system']:.3f}, on the same cores. Inside fedpriv's round (medians, "
+              f"operator_only/diagnostics.jsonl): {mid(fed.dispatch_seconds):.3f} s from the messages' push to the last "
+              f"reply, then {mid(fed.server_seconds):.3f} s of server work until the record (replies decoded and "
+              f"checked, noise, the accountant's epsilon). A worker's idle time is the round's serial part: the last "
+              "reply's way back through Ray and Flower's link state, the server's work, the next push and the "
+              "worker's decoding of it; the floor's is a pipe send and one noise draw (~1 ms). What would close "
+              "it: a round whose serial part is that short (the server's record and epsilon after the next "
+              "push, the model sent once to a worker-shared object instead of one message per share), or a "
+              "model big enough that training dominates (the default CNN: below 1.0x).")
     if "round1" in missed and fed:
         print(f"  a single run's round 1 = Python + imports + Hydra ({(fed.launcher_ready or fed.t0) - fed.t0:.1f} s "
               "before the launcher's own start), then preflight, Ray's start (~4 s on 2 cores: GCS, raylet, "

@@ -50,15 +50,12 @@ sys.path.insert(0, str(HERE))
 
 from bench_engine_common import Workload, num_parameters
 from bench_engine_goals import print_goals
-from bench_engine_machine import code_version, machine_busy_ticks, machine_line, wait_for_quiet
+from bench_engine_machine import CLK_TCK, TreeSampler, code_version, cpu_ticks, machine_line, wait_for_quiet  # noqa: F401 (benchmark_fleet imports them from here)
 
-from fedpriv import proctree
-from fedpriv.proctree import pss_kib, rss_kib, subtree
 from fedpriv.run_folder import DIAGNOSTICS, read_jsonl, read_summary
 
 IMPLEMENTATIONS = ("floor", "fedpriv", "flower")
 LABELS = {"floor": "floor (2 procs)", "fedpriv": "fedpriv", "flower": "flower built-in DP"}
-CLK_TCK = os.sysconf("SC_CLK_TCK")
 # PSS only on every 40th memory sample (every ~10 s): reading a process's smaps_rollup walks its whole
 # address space under its memory lock, and Ray's processes map the object store; sampled every 2 s it
 # slowed fedpriv's rounds by ~20% (0.66 vs 0.54 s a round, width 8), i.e. the measurement moved the figure.
@@ -80,6 +77,7 @@ class Measured:
     foreign_cpu: float = 0.0  # share of the machine's CPU used by other processes meanwhile
     returncode: int = 0
     cpu: dict = field(default_factory=dict)  # process name -> (CPU seconds, processes)
+    cpu_series: list = field(default_factory=list)  # (time, {process name: CPU seconds so far}) per sample
     engine_round_seconds: list = field(default_factory=list)  # fedpriv's own round_seconds
     notes: list = field(default_factory=list)
     launcher_ready: float | None = None  # fedpriv: when Hydra wrote the job's .hydra/config.yaml (its own start done)
@@ -118,67 +116,6 @@ class Measured:
         iv = self.intervals()
         clients = sum(c for _, c in iv)
         return 1000 * sum(s for s, _ in iv) / clients if clients else float("nan")
-
-
-# ------------------------------------------------------------------------ sampling a process tree
-
-
-def cpu_ticks(pid: int) -> int:
-    """utime + stime of one process, in clock ticks (0 if it is gone)."""
-    return proctree.cpu_ticks(pid) or 0
-
-
-def process_name(pid: int, root: int) -> str | None:
-    """A short name: driver, ray::ClientAppActor, raylet, log_monitor.py, mp worker, ..."""
-    if pid == root:
-        return "driver"
-    try:
-        argv = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
-    except OSError:
-        return None
-    if not argv or not argv[0]:
-        return None
-    if argv[0].startswith("ray::"):
-        return argv[0].split()[0].split(".")[0]
-    if "--multiprocessing-fork" in argv:
-        return "mp worker"
-    script = next((Path(a).name for a in argv[1:] if a.endswith(".py")), None)
-    return script or Path(argv[0]).name
-
-
-class TreeSampler:
-    """Peak summed RSS / PSS of a process tree and the CPU its processes used."""
-
-    def __init__(self, root: int):
-        self.root, self.peak_rss, self.peak_pss = root, 0, 0
-        self.ticks: dict[int, int] = {}
-        self.names: dict[int, str] = {}
-        self.busy0, self.start = machine_busy_ticks(), time.time()
-        self.own0 = cpu_ticks(os.getpid())  # this script's sampling is not "other" load
-
-    def sample(self, with_pss: bool) -> None:
-        """RSS every call; PSS only when asked (reading smaps_rollup of Ray's processes costs ~25 ms)."""
-        pids = subtree(self.root)
-        self.peak_rss = max(self.peak_rss, sum(rss_kib(p) for p in pids))
-        if with_pss:
-            self.peak_pss = max(self.peak_pss, sum(pss_kib(p) for p in pids))
-        for p in pids:
-            self.ticks[p] = max(self.ticks.get(p, 0), cpu_ticks(p))
-            self.names[p] = process_name(p, self.root) or self.names.get(p, "?")  # Ray renames its workers
-
-    def cpu_by_name(self) -> dict[str, tuple[float, int]]:
-        """CPU seconds and process count by process name, largest first."""
-        out: dict[str, tuple[float, int]] = {}
-        for p, t in self.ticks.items():
-            s, n = out.get(self.names.get(p, "?"), (0.0, 0))
-            out[self.names.get(p, "?")] = (s + t / CLK_TCK, n + 1)
-        return dict(sorted(out.items(), key=lambda kv: -kv[1][0]))
-
-    def foreign_share(self) -> float:
-        elapsed = (time.time() - self.start) * CLK_TCK * (os.cpu_count() or 1)
-        own = cpu_ticks(os.getpid()) - self.own0
-        other = machine_busy_ticks() - self.busy0 - sum(self.ticks.values()) - own
-        return max(other, 0) / elapsed if elapsed > 0 else float("nan")
 
 
 class LineWatcher:
@@ -221,7 +158,7 @@ def run_child(name: str, command: list[str], log_path: Path, interval: float, wa
             watcher.poll()
     m.wall, m.returncode = time.time() - m.t0, proc.returncode
     m.peak_rss_kib, m.peak_pss_kib, m.foreign_cpu = sampler.peak_rss, sampler.peak_pss, sampler.foreign_share()
-    m.cpu = sampler.cpu_by_name()
+    m.cpu, m.cpu_series = sampler.cpu_by_name(), sampler.series
     m.notes.append(f"this script's sampling used {(time.process_time() - cpu0) / m.wall:.1%} of a core")
     if proc.returncode != 0:
         print(f"  {name}: exit {proc.returncode}; last lines of {log_path}:\n" + "".join(log_path.read_text().splitlines(True)[-15:]))
