@@ -108,10 +108,12 @@ def print_goals(results: list, cores: int) -> None:
               f"reply, then {mid(fed.server_seconds):.3f} s of server work until the record (replies decoded and "
               f"checked, noise, the accountant's epsilon). A worker's idle time is the round's serial part: the last "
               "reply's way back through Ray and Flower's link state, the server's work, the next push and the "
-              "worker's decoding of it; the floor's is a pipe send and one noise draw (~1 ms). What would close "
-              "it: a round whose serial part is that short (the server's record and epsilon after the next "
-              "push, the model sent once to a worker-shared object instead of one message per share), or a "
-              "model big enough that training dominates (the default CNN: below 1.0x).")
+              "worker's decoding of it; the floor's is a pipe send and one noise draw (~1 ms). CPU a client drifts "
+              "by a third between minutes on a shared machine and Ray's worker process may cost some itself: "
+              "scripts/bench_engine_ray_floor.py runs the floor's own loop in Ray actors against processes, in "
+              "alternating pairs; read this gap over --passes. What would close the rest: a shorter serial part "
+              "(the round's record after the next push; the model sent once to an object both workers read), "
+              "workers outside Ray (deployment's SuperNodes), or a model big enough that training dominates.")
     if "round1" in missed and fed:
         print(f"  a single run's round 1 = Python + imports + Hydra ({(fed.launcher_ready or fed.t0) - fed.t0:.1f} s "
               "before the launcher's own start), then preflight, Ray's start (~4 s on 2 cores: GCS, raylet, "

@@ -3,6 +3,7 @@
     python scripts/benchmark_engine.py             # 30 rounds each (several minutes on 2 cores)
     python scripts/benchmark_engine.py --quick     # 5 rounds each: a smoke run
     python scripts/benchmark_engine.py --only floor,fedpriv --rounds 10 --width 8
+    python scripts/benchmark_engine.py --width 8 --passes 2   # each implementation twice, in turn
 
 The workload: Fashion-MNIST, 1,000 IID clients of 60 training rows each, an expected 50 a round,
 one local epoch of plain SGD (batch 10, lr 0.05), each client's update clipped to L2 norm 1,
@@ -294,6 +295,8 @@ def main() -> int:
                         help=f"seconds between RSS samples (PSS: every {PSS_EVERY}th)")
     parser.add_argument("--settle", type=float, default=60.0,
                         help="before each run, wait at most this long for other processes to go quiet")
+    parser.add_argument("--passes", type=int, default=1,
+                        help="run the implementations this many times in turn (the machine drifts: compare within a pass)")
     parser.add_argument("--no-sweep", action="store_true", help="skip fedpriv's two-job sweep (round 1 of a warm job)")
     parser.add_argument("--workdir", default=None, help="keep logs and run folders here (default: a temp folder)")
     args = parser.parse_args()
@@ -318,19 +321,22 @@ def main() -> int:
           f"/ {w.cohort}; model fedpriv cnn width {w.width} ({num_parameters(w):,} parameters); "
           f"test accuracy after the last round only; Flower: {args.nodes} SuperNodes, 2 Ray actors (num_cpus=1)")
     print(f"logs and run folders: {tmp}", flush=True)
-    results = []
-    for name in chosen:
-        waited = wait_for_quiet(args.settle)
-        print(f"running {name} (after waiting {waited:.0f} s for a quiet machine) ...", flush=True)
-        m = run_fedpriv(w, tmp, args) if name == "fedpriv" else run_script_impl(name, w, tmp, args)
-        print(f"  {name}: wall {m.wall:.1f} s, {len(m.round_ends)} rounds, test accuracy {m.accuracy:.4f}", flush=True)
-        results.append(m)
-    print()
-    print_table(results)
-    print()
-    print_goals(results, os.cpu_count() or 1)
-    return 0 if check_trained(results) else 1
-
+    ok = True
+    for p in range(1, max(args.passes, 1) + 1):
+        results = []
+        for name in chosen:
+            waited = wait_for_quiet(args.settle)
+            print(f"pass {p}: running {name} (after waiting {waited:.0f} s for a quiet machine) ...", flush=True)
+            one = args if p == 1 else argparse.Namespace(**{**vars(args), "no_sweep": True})  # the sweep: pass 1 only
+            m = run_fedpriv(w, tmp, one) if name == "fedpriv" else run_script_impl(name, w, tmp, one)
+            print(f"  {name}: wall {m.wall:.1f} s, {len(m.round_ends)} rounds, test accuracy {m.accuracy:.4f}", flush=True)
+            results.append(m)
+        print(f"\n===== pass {p} of {args.passes}")
+        print_table(results)
+        print()
+        print_goals(results, os.cpu_count() or 1)
+        ok = check_trained(results) and ok
+    return 0 if ok else 1
 
 if __name__ == "__main__":
     sys.exit(main())
