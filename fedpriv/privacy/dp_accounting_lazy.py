@@ -19,6 +19,7 @@ def lib() -> SimpleNamespace:
     from dp_accounting.pld import privacy_loss_distribution
     from dp_accounting.rdp import rdp_privacy_accountant
 
-    relations = {r.name.lower(): r for r in privacy_accountant.NeighboringRelation}
+    relations = {name: privacy_accountant.NeighboringRelation[name.upper()]
+                 for name in ("add_or_remove_one", "replace_one")}  # fedpriv's two relations only
     return SimpleNamespace(event=dp_event, pld=privacy_loss_distribution, rdp=rdp_privacy_accountant,
                            relations=relations)
